@@ -1,0 +1,126 @@
+"""Schedules against closed forms written here in numpy, and the forward-process round trips."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unidiff import corruption as uc
+
+SETTINGS = settings(max_examples=15, deadline=None)
+
+
+def cosine_closed_form(T: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nichol & Dhariwal's cosine schedule, written out step by step, plus the clean step."""
+    s = 0.008
+    f = [math.cos(((t / T + s) / (1 + s)) * math.pi / 2) ** 2 for t in range(T + 1)]
+    betas = [0.0] + [min(1.0 - f[t] / f[t - 1], 0.999) for t in range(1, T + 1)]
+    abar, prod = [], 1.0
+    for b in betas:
+        prod *= 1.0 - b
+        abar.append(prod)
+    return np.array(betas), np.array(abar)
+
+
+def linear_closed_form(T: int) -> tuple[np.ndarray, np.ndarray]:
+    """DDPM's linear betas from 1e-4 to 0.02 over T steps, plus the clean step."""
+    noisy = [1e-4 if T == 1 else 1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)]
+    betas = [0.0] + noisy
+    abar, prod = [], 1.0
+    for b in betas:
+        prod *= 1.0 - b
+        abar.append(prod)
+    return np.array(betas), np.array(abar)
+
+
+CLOSED = {"cosine": cosine_closed_form, "linear": linear_closed_form}
+
+
+@SETTINGS
+@given(kind=st.sampled_from(["cosine", "linear"]), T=st.integers(1, 400))
+def test_schedule_matches_closed_form(kind, T):
+    sched = uc.make_schedule(kind, T)
+    chex.assert_shape([sched.betas, sched.alphas_cumprod], (T + 1,))
+    chex.assert_type([sched.betas, sched.alphas_cumprod], jnp.float32)
+    assert sched.num_steps == T
+    betas, abar = CLOSED[kind](T)
+    np.testing.assert_allclose(np.asarray(sched.betas), betas, rtol=2e-6, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(sched.alphas_cumprod), abar, rtol=2e-5, atol=1e-12)
+
+
+def test_cosine_alpha_bar_is_f_ratio_where_unclipped():
+    # Away from the clipped last step alpha_bar(t) = f(t)/f(0) exactly (telescoping).
+    T, s = 1000, 0.008
+    t = np.arange(T + 1)
+    f = np.cos(((t / T + s) / (1 + s)) * np.pi / 2) ** 2
+    abar = np.asarray(uc.make_schedule("cosine", T).alphas_cumprod)
+    np.testing.assert_allclose(abar[: T - 1], (f / f[0])[: T - 1], rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+@pytest.mark.parametrize("T", [1, 2, 50, 1000])
+def test_alpha_bar_clean_step_and_monotone(kind, T):
+    sched = uc.make_schedule(kind, T)
+    abar = np.asarray(sched.alphas_cumprod)
+    assert abar[0] == 1.0 and float(sched.betas[0]) == 0.0
+    noisy = abar[1:]
+    assert np.all(noisy > 0) and np.all(noisy < 1)
+    assert np.all(np.diff(abar) < 0), "alpha_bar must strictly decrease on 0..T"
+
+
+@pytest.mark.parametrize(
+    "kind,T,match", [("sigmoid", 10, "sigmoid"), ("cosine", 0, "num_steps"), ("linear", -3, "num_steps"), ("cosine", 2.5, "num_steps")]
+)
+def test_make_schedule_rejects(kind, T, match):
+    with pytest.raises(ValueError, match=match):
+        uc.make_schedule(kind, T)
+
+
+@jax.jit
+def _forward_and_back(sched, x0, eps, t):
+    zero = jnp.zeros_like(t)
+    xt = uc.q_sample(sched, x0, t, eps)
+    return dict(
+        q0=uc.q_sample(sched, x0, zero, eps),
+        x0_at0=uc.x0_from_eps(sched, x0, zero, eps),
+        eps_at0=uc.eps_from_x0(sched, x0, zero, x0),
+        xt=xt,
+        x0_back=uc.x0_from_eps(sched, xt, t, eps),
+        eps_back=uc.eps_from_x0(sched, xt, t, x0),
+    )
+
+
+@SETTINGS
+@given(
+    kind=st.sampled_from(["cosine", "linear"]),
+    shape=st.sampled_from([(1,), (3, 2), (2, 4, 3)]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_q_sample_at_t0_is_exact_and_round_trips(kind, shape, seed):
+    T = 50
+    sched = uc.make_schedule(kind, T)
+    rng = np.random.default_rng(seed)
+    b = shape[0]
+    x0 = rng.standard_normal(shape).astype(np.float32)
+    eps = rng.standard_normal(shape).astype(np.float32)
+    t = rng.integers(0, T + 1, size=(b,)).astype(np.int32)
+    out = jax.device_get(_forward_and_back(sched, x0, eps, t))
+    # t = 0 is the clean step: nothing is added, nothing is removed.
+    np.testing.assert_array_equal(out["q0"], x0)
+    np.testing.assert_array_equal(out["x0_at0"], x0)
+    np.testing.assert_array_equal(out["eps_at0"], np.zeros(shape, np.float32))
+    # Independent float64 forward process.
+    a = np.asarray(sched.alphas_cumprod, np.float64)[t].reshape((b,) + (1,) * (len(shape) - 1))
+    want = np.sqrt(a) * x0.astype(np.float64) + np.sqrt(1 - a) * eps.astype(np.float64)
+    np.testing.assert_allclose(out["xt"], want, rtol=1e-5, atol=1e-5)
+    # Inverting amplifies float32 rounding by 1/sqrt(a) (x0) or 1/sqrt(1-a) (eps).
+    assert np.all(np.abs(out["x0_back"] - x0) < 1e-5 * (1 + 4 / np.sqrt(a)))
+    noisy = (t > 0).reshape(a.shape)
+    tol = 1e-5 * (1 + 4 / np.sqrt(np.maximum(1 - a, 1e-30)))
+    assert np.all(np.abs(out["eps_back"] - eps) * noisy < tol)
+    np.testing.assert_array_equal(out["eps_back"][~noisy.reshape(-1)], 0.0)

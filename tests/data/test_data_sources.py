@@ -1,0 +1,153 @@
+"""Each data source on tiny files written in its real on-disk format."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from unidiff import data as ud
+from unidiff.data import sources as S
+
+
+def _all(source):
+    return [source[i] for i in range(len(source))]
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_imagenet_npz_reads_planes_and_zero_based_labels(tmp_path, fakes, compressed):
+    ims, labs, vims, vlabs = fakes.write_imagenet(str(tmp_path), compressed=compressed, counts=(5, 3, 2))
+    src = ud.build_source("imagenet64", str(tmp_path), "train")
+    # Numeric order: batch_1, batch_2, batch_10 (not lexicographic 1, 10, 2).
+    assert [os.path.basename(f) for f in src.files] == [
+        "train_data_batch_1.npz", "train_data_batch_2.npz", "train_data_batch_10.npz"]
+    assert len(src) == 10 and src.num_classes == 1000 and src.image_shape == (64, 64, 3)
+    for i, ex in enumerate(_all(src)):
+        assert ex["image"].dtype == np.uint8 and ex["image"].shape == (64, 64, 3)
+        np.testing.assert_array_equal(ex["image"], ims[i])
+        assert ex["label"] == labs[i] and ex["label"].dtype == np.int32
+    # Stored members are memory-mapped; compressed ones fall back to a full load.
+    assert all((off is None) == compressed for _, off in src._layout)
+    val = ud.build_source("imagenet64", str(tmp_path), "val")
+    np.testing.assert_array_equal(np.stack([e["image"] for e in _all(val)]), vims)
+    np.testing.assert_array_equal([e["label"] for e in _all(val)], vlabs)
+    # A pickled copy (what a Grain worker receives) reads the same rows.
+    clone = pickle.loads(pickle.dumps(src))
+    np.testing.assert_array_equal(clone[7]["image"], ims[7])
+
+
+def test_imagenet32_and_subfolder(tmp_path, fakes):
+    sub = tmp_path / "Imagenet32_train_npz"
+    sub.mkdir()
+    ims, labs, _, _ = fakes.write_imagenet(str(sub), size=32, counts=(3,))
+    src = ud.build_source("imagenet32", str(tmp_path), "train")
+    assert src.image_shape == (32, 32, 3) and len(src) == 3
+    np.testing.assert_array_equal(src[2]["image"], ims[2])
+    assert ud.dataset_info("imagenet32", str(tmp_path)) == (32, 3, 1000, 3)
+
+
+def test_folder_classes_rgb_and_unreadable(folder_dir):
+    root, expected = folder_dir
+    src = ud.build_source("folder", root, "train")
+    assert src.classes == ["cat", "dog"] and src.num_classes == 2 and src.channels == 3
+    rel = [os.path.relpath(p, root) for p in src.paths]
+    assert rel == sorted(expected, key=lambda r: (r.split("/")[0], r))  # .txt is ignored
+    for i, r in enumerate(rel):
+        want, label = expected[r]
+        got = src[i]
+        if want is None:
+            assert got is None
+        else:
+            np.testing.assert_array_equal(got["image"], want)
+            assert got["image"].shape[-1] == 3 and got["label"] == label
+
+
+def test_folder_split_subdirectory(tmp_path, fakes):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    fakes.write_folder(str(tmp_path / "train"))
+    fakes.write_folder(str(tmp_path / "val"), seed=1)
+    tr = ud.build_source("folder", str(tmp_path), "train")
+    te = ud.build_source("folder", str(tmp_path), "test")
+    assert tr.root.endswith("train") and te.root.endswith("val")
+    assert not np.array_equal(tr[0]["image"], te[0]["image"])
+
+
+def test_cifar10(tmp_path, fakes):
+    sub = tmp_path / "cifar-10-batches-py"
+    sub.mkdir()
+    written = fakes.write_cifar(str(sub))
+    tr = ud.build_source("cifar10", str(tmp_path), "train")
+    te = ud.build_source("cifar10", str(tmp_path), "test")
+    assert len(tr) == 20 and len(te) == 4 and tr.image_shape == (32, 32, 3)
+    want = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
+    want_lab = np.concatenate([written[f"data_batch_{i}"][1] for i in range(1, 6)])
+    np.testing.assert_array_equal(np.stack([e["image"] for e in _all(tr)]), want)
+    np.testing.assert_array_equal([e["label"] for e in _all(tr)], want_lab)
+    np.testing.assert_array_equal(te[3]["image"], written["test_batch"][0][3])
+    clone = pickle.loads(pickle.dumps(tr))
+    assert clone._images is None  # not shipped to workers...
+    np.testing.assert_array_equal(clone[5]["image"], want[5])  # ...but reloaded there
+
+
+def _bilinear_up2(img: np.ndarray) -> np.ndarray:
+    """Independent 2x bilinear upsampling with half-pixel centres and edge clamping."""
+    n = img.shape[0]
+    centres = (np.arange(2 * n) + 0.5) / 2 - 0.5
+    lo = np.clip(np.floor(centres).astype(int), 0, n - 1)
+    hi = np.clip(lo + 1, 0, n - 1)
+    frac = np.clip(centres - np.floor(centres), 0, 1)
+    frac = np.where(centres < 0, 0.0, frac)
+    m = np.zeros((2 * n, n))
+    m[np.arange(2 * n), lo] += 1 - frac
+    m[np.arange(2 * n), hi] += frac
+    return m @ img @ m.T
+
+
+def test_digits_embedded():
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    full = ud.build_source("digits", None, "all")
+    assert len(full) == 1797 and full.num_classes == 10 and full.image_shape == (16, 16, 1)
+    assert full.allow_flip is False
+    imgs = np.stack([e["image"] for e in _all(full)])
+    assert imgs.dtype == np.uint8 and imgs.shape == (1797, 16, 16, 1)
+    np.testing.assert_array_equal([e["label"] for e in _all(full)], ref.target)
+    for i in (0, 17, 1796):
+        want = np.clip(np.round(_bilinear_up2(ref.images[i]) * 255 / 16), 0, 255)
+        np.testing.assert_allclose(imgs[i, ..., 0], want, atol=1)
+    tr = ud.build_source("digits", None, "train")
+    te = ud.build_source("digits", None, "test")
+    assert len(tr) + len(te) == 1797 and len(te) == 1797 // 5
+    np.testing.assert_array_equal(S.digits_split_indices("test"), np.arange(4, 1797, 5))
+    np.testing.assert_array_equal(te[0]["image"], imgs[4])
+    np.testing.assert_array_equal(tr[4]["image"], imgs[5])
+    assert set(int(te[i]["label"]) for i in range(len(te))) == set(range(10))
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_latents(tmp_path, fakes, with_labels):
+    lat, lab = fakes.write_latents(str(tmp_path), labels=with_labels)
+    src = ud.build_source("latents", str(tmp_path), "train")
+    assert src.latent and src.image_shape == (4, 4, 4) and len(src) == 10
+    assert src.num_classes == (5 if with_labels else 0)
+    for i in range(10):
+        np.testing.assert_array_equal(src[i]["image"], lat[i])
+        assert src[i]["label"] == (lab[i] if with_labels else 0)
+    assert ud.dataset_info("latents", str(tmp_path)) == (4, 4, src.num_classes, 10)
+
+
+def test_synthetic_deterministic():
+    a, b = ud.SyntheticSource(8, 16, 3, 4, seed=0), ud.SyntheticSource(8, 16, 3, 4, seed=0)
+    c = ud.SyntheticSource(8, 16, 3, 4, seed=1)
+    for i in range(8):
+        np.testing.assert_array_equal(a[i]["image"], b[i]["image"])
+        assert a[i]["label"] == i % 4
+    assert any(not np.array_equal(a[i]["image"], c[i]["image"]) for i in range(8))
+    tr, te = ud.build_source("synthetic", None, "train"), ud.build_source("synthetic", None, "test")
+    assert not np.array_equal(tr[0]["image"], te[0]["image"])
+    with pytest.raises(IndexError):
+        a[8]

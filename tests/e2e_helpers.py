@@ -1,0 +1,43 @@
+"""Helpers to run the training binaries in subprocesses on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A run small enough to compile and train in seconds on 2 CPU cores.
+TINY = [
+    "--dataset=synthetic", "--image_size=8", "--model=N/2", "--batch_size=8",
+    "--base_lr=1e-3", "--warmup_steps=5", "--log_every=1", "--seed=3",
+]
+
+
+def run_binary(name: str, args: list[str], env: dict | None = None, timeout: float = 300,
+               check: bool = True) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.setdefault("JAX_PLATFORMS", "cpu")
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / name), *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{name} {' '.join(args)} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def read_metrics(workdir) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses_by_step(workdir) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(workdir)}

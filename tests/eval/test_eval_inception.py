@@ -1,0 +1,222 @@
+"""FID Inception-v3: architecture vs the torch layout, preprocessing, a real forward, weight files."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unidiff.eval import inception as inc
+from unidiff.eval.convert_inception_weights import convert_file, convert_state_dict
+
+
+def _torch_convs():
+    """(name, out, in, kh, kw) of every BasicConv2d in torchvision/pytorch-fid Inception-v3."""
+    convs = [
+        ("Conv2d_1a_3x3", 32, 3, 3, 3),
+        ("Conv2d_2a_3x3", 32, 32, 3, 3),
+        ("Conv2d_2b_3x3", 64, 32, 3, 3),
+        ("Conv2d_3b_1x1", 80, 64, 1, 1),
+        ("Conv2d_4a_3x3", 192, 80, 3, 3),
+    ]
+
+    def a(name, cin, pool):
+        convs.extend([
+            (f"{name}.branch1x1", 64, cin, 1, 1), (f"{name}.branch5x5_1", 48, cin, 1, 1),
+            (f"{name}.branch5x5_2", 64, 48, 5, 5), (f"{name}.branch3x3dbl_1", 64, cin, 1, 1),
+            (f"{name}.branch3x3dbl_2", 96, 64, 3, 3), (f"{name}.branch3x3dbl_3", 96, 96, 3, 3),
+            (f"{name}.branch_pool", pool, cin, 1, 1),
+        ])
+        return 64 + 64 + 96 + pool
+
+    def c(name, c7):
+        convs.extend([
+            (f"{name}.branch1x1", 192, 768, 1, 1), (f"{name}.branch7x7_1", c7, 768, 1, 1),
+            (f"{name}.branch7x7_2", c7, c7, 1, 7), (f"{name}.branch7x7_3", 192, c7, 7, 1),
+            (f"{name}.branch7x7dbl_1", c7, 768, 1, 1), (f"{name}.branch7x7dbl_2", c7, c7, 7, 1),
+            (f"{name}.branch7x7dbl_3", c7, c7, 1, 7), (f"{name}.branch7x7dbl_4", c7, c7, 7, 1),
+            (f"{name}.branch7x7dbl_5", 192, c7, 1, 7), (f"{name}.branch_pool", 192, 768, 1, 1),
+        ])
+
+    def e(name, cin):
+        convs.extend([
+            (f"{name}.branch1x1", 320, cin, 1, 1), (f"{name}.branch3x3_1", 384, cin, 1, 1),
+            (f"{name}.branch3x3_2a", 384, 384, 1, 3), (f"{name}.branch3x3_2b", 384, 384, 3, 1),
+            (f"{name}.branch3x3dbl_1", 448, cin, 1, 1), (f"{name}.branch3x3dbl_2", 384, 448, 3, 3),
+            (f"{name}.branch3x3dbl_3a", 384, 384, 1, 3), (f"{name}.branch3x3dbl_3b", 384, 384, 3, 1),
+            (f"{name}.branch_pool", 192, cin, 1, 1),
+        ])
+
+    cin = a("Mixed_5b", 192, 32)
+    cin = a("Mixed_5c", cin, 64)
+    assert a("Mixed_5d", cin, 64) == 288
+    convs.extend([
+        ("Mixed_6a.branch3x3", 384, 288, 3, 3), ("Mixed_6a.branch3x3dbl_1", 64, 288, 1, 1),
+        ("Mixed_6a.branch3x3dbl_2", 96, 64, 3, 3), ("Mixed_6a.branch3x3dbl_3", 96, 96, 3, 3),
+    ])
+    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+        c(name, c7)
+    convs.extend([
+        ("Mixed_7a.branch3x3_1", 192, 768, 1, 1), ("Mixed_7a.branch3x3_2", 320, 192, 3, 3),
+        ("Mixed_7a.branch7x7x3_1", 192, 768, 1, 1), ("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7),
+        ("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1), ("Mixed_7a.branch7x7x3_4", 192, 192, 3, 3),
+    ])
+    e("Mixed_7b", 1280)
+    e("Mixed_7c", 2048)
+    return convs
+
+
+def _fake_torch_state_dict(rng, with_bn_weight=True):
+    sd = {}
+    for name, out, cin, kh, kw in _torch_convs():
+        sd[f"{name}.conv.weight"] = rng.standard_normal((out, cin, kh, kw), np.float32)
+        if with_bn_weight:
+            sd[f"{name}.bn.weight"] = rng.uniform(0.5, 1.5, out).astype(np.float32)
+        sd[f"{name}.bn.bias"] = rng.standard_normal(out).astype(np.float32)
+        sd[f"{name}.bn.running_mean"] = rng.standard_normal(out).astype(np.float32)
+        sd[f"{name}.bn.running_var"] = rng.uniform(0.5, 2.0, out).astype(np.float32)
+        sd[f"{name}.bn.num_batches_tracked"] = np.array(0)
+    sd["fc.weight"] = rng.standard_normal((1008, 2048), np.float32)
+    sd["fc.bias"] = rng.standard_normal(1008).astype(np.float32)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def converted():
+    rng = np.random.default_rng(0)
+    sd = _fake_torch_state_dict(rng)
+    return sd, convert_state_dict(sd)
+
+
+def test_network_matches_torch_layout_via_conversion(converted):
+    sd, flat = converted
+    inc.validate_flat_params(flat, "fake.pth")  # every key and shape of the network matched
+    assert len(flat) == len(inc.expected_param_shapes())
+    w_t = sd["Mixed_6b.branch7x7_2.conv.weight"]  # (O, I, 1, 7)
+    w_h = flat["Mixed_6b/branch7x7_2/conv/w"]  # (1, 7, I, O)
+    assert w_h[0, 5, 3, 7] == w_t[7, 3, 0, 5]
+    np.testing.assert_array_equal(flat["fc/w"], sd["fc.weight"].T)
+    np.testing.assert_array_equal(flat["Mixed_7c/branch_pool/bn/var"], sd["Mixed_7c.branch_pool.bn.running_var"])
+    # The TF graph has no BN scale: a state dict without it converts with ones.
+    flat2 = convert_state_dict({k: v for k, v in sd.items() if not k.endswith("bn.weight")})
+    np.testing.assert_array_equal(flat2["Conv2d_1a_3x3/bn/scale"], np.ones(32, np.float32))
+    with pytest.raises(ValueError, match="unexpected key"):
+        convert_state_dict({"Mixed_5b.branch1x1.linear.weight": np.zeros(3)})
+
+
+def _param_structs():
+    return inc.unflatten_params(
+        {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in inc.expected_param_shapes().items()}
+    )
+
+
+def test_output_shapes_for_full_size_and_small_inputs():
+    net = inc.make_inception()
+    params = _param_structs()
+    for images in (
+        jax.ShapeDtypeStruct((3, 299, 299, 3), jnp.float32),
+        jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.uint8),
+        jax.ShapeDtypeStruct((1, 512, 400, 3), jnp.float32),
+    ):
+        out = jax.eval_shape(net.apply, params, images)
+        assert out.pool.shape == (images.shape[0], 2048)
+        assert out.logits.shape == (images.shape[0], 1008)
+
+
+def test_pooling_layout_of_the_fid_variant():
+    # Max pools: 2 in the stem, Mixed_6a, Mixed_7a, and Mixed_7c's pool branch (FID variant).
+    # Padding-excluding average pools (two windowed sums each): Mixed_5b-5d, 6b-6e, 7b.
+    net = inc.make_inception()
+    jaxpr = jax.make_jaxpr(net.apply)(_param_structs(), jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32))
+    names = [e.primitive.name for e in jaxpr.jaxpr.eqns]
+    assert names.count("reduce_window_max") == 5
+    assert names.count("reduce_window_sum") == 2 * 8
+    assert names.count("conv_general_dilated") == len(_torch_convs())
+
+
+def _torch_bilinear(x, size):
+    """Independent numpy bilinear resize, align_corners=False with edge clamping."""
+
+    def axis_weights(n_in, n_out):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = np.floor(src).astype(int)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        lam = src - i0
+        m = np.zeros((n_out, n_in))
+        np.add.at(m, (np.arange(n_out), i0), 1 - lam)
+        np.add.at(m, (np.arange(n_out), i1), lam)
+        return m
+
+    mh, mw = axis_weights(x.shape[1], size), axis_weights(x.shape[2], size)
+    return np.einsum("ph,nhwc,qw->npqc", mh, x, mw)
+
+
+def test_preprocess_resizes_and_rescales():
+    rng = np.random.default_rng(0)
+    small = rng.uniform(-1, 1, (2, 17, 23, 3)).astype(np.float32)
+    got = np.asarray(inc.preprocess(jnp.asarray(small)))
+    assert got.shape == (2, 299, 299, 3)
+    np.testing.assert_allclose(got, _torch_bilinear(small.astype(np.float64), 299), atol=1e-5)
+    u8 = rng.integers(0, 256, (1, 299, 299, 1), dtype=np.uint8)
+    got = np.asarray(inc.preprocess(jnp.asarray(u8)))
+    np.testing.assert_allclose(got, np.repeat(u8 / 127.5 - 1.0, 3, axis=-1), atol=1e-6)  # no resize
+    with pytest.raises(ValueError, match="C in"):
+        inc.preprocess(jnp.zeros((1, 8, 8, 2)))
+
+
+def test_average_pool_excludes_padding():
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    got = np.asarray(inc._avg_pool_exclude_pad(x))[0, :, :, 0]
+    xn = np.arange(16.0).reshape(4, 4)
+    assert got[0, 0] == pytest.approx(xn[:2, :2].mean())  # 4 real pixels, not 9
+    assert got[1, 1] == pytest.approx(xn[:3, :3].mean())
+    assert got[3, 2] == pytest.approx(xn[2:, 1:4].mean())
+
+
+def test_random_weight_forward_gives_pool_features():
+    params = inc.random_params(0)
+    net = inc.make_inception()
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.uniform(-1, 1, (2, 299, 299, 3)), jnp.float32)
+    out = jax.jit(net.apply)(params, images)
+    pool, logits = np.asarray(out.pool), np.asarray(out.logits)
+    assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert np.all(np.isfinite(pool)) and np.all(np.isfinite(logits))
+    assert np.all(pool >= 0)  # average of ReLU outputs
+    assert pool.std() > 0 and not np.allclose(pool[0], pool[1])
+    np.testing.assert_allclose(logits, pool @ np.asarray(params["fc"]["w"]), rtol=1e-4, atol=1e-4)
+
+
+def test_convert_file_and_weights_round_trip(tmp_path, converted):
+    sd, flat = converted
+    torch_named = tmp_path / "pt_inception_state_dict.npz"
+    np.savez(torch_named, **sd)
+    converted_path = tmp_path / "inception_fid.npz"
+    convert_file(str(torch_named), str(converted_path))
+    loaded = inc.load_inception_params(converted_path)
+    assert inc.flatten_params(loaded).keys() == flat.keys()
+    for k, v in inc.flatten_params(loaded).items():
+        np.testing.assert_array_equal(v, flat[k])
+    again = tmp_path / "again.npz"
+    inc.save_inception_params(again, loaded)
+    for k, v in inc.flatten_params(inc.load_inception_params(again)).items():
+        np.testing.assert_array_equal(v, flat[k])
+
+
+def test_load_inception_params_rejects_bad_files(tmp_path, converted):
+    _, flat = converted
+    with pytest.raises(ValueError, match="missing.npz.*convert_inception_weights"):
+        inc.load_inception_params(tmp_path / "missing.npz")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="garbage.npz"):
+        inc.load_inception_params(garbage)
+    partial = tmp_path / "partial.npz"
+    np.savez(partial, **{k: v for k, v in list(flat.items())[:-1]})
+    with pytest.raises(ValueError, match="partial.npz.*missing"):
+        inc.load_inception_params(partial)
+    wrong = tmp_path / "wrong_shape.npz"
+    bad = dict(flat)
+    bad["fc/b"] = np.zeros(1000, np.float32)
+    np.savez(wrong, **bad)
+    with pytest.raises(ValueError, match="wrong_shape.npz.*fc/b"):
+        inc.load_inception_params(wrong)

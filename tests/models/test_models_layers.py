@@ -1,0 +1,191 @@
+"""Building blocks against independent numpy formulas."""
+
+from __future__ import annotations
+
+import math
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import unidiff.models as um
+from models_testlib import assert_close, jit, np_attention, random_like
+
+
+def np_sincos_2d(dim, grid):
+    """Loop-by-loop 2-D sin-cos table: first half column index, second half row index."""
+    out = np.zeros((grid * grid, dim))
+    quarter = dim // 4
+    for r in range(grid):
+        for c in range(grid):
+            for k in range(quarter):
+                w = 1.0 / 10000 ** (k / quarter)
+                out[r * grid + c, k] = math.sin(c * w)
+                out[r * grid + c, quarter + k] = math.cos(c * w)
+                out[r * grid + c, 2 * quarter + k] = math.sin(r * w)
+                out[r * grid + c, 3 * quarter + k] = math.cos(r * w)
+    return out
+
+
+@settings(max_examples=10, deadline=None)
+@given(grid=st.integers(1, 6), quarter=st.integers(1, 6))
+def test_sincos_2d_matches_formula(grid, quarter):
+    dim = 4 * quarter
+    np.testing.assert_allclose(um.sincos_2d(dim, grid), np_sincos_2d(dim, grid), atol=1e-6)
+
+
+def test_sincos_rejects_bad_dim():
+    with pytest.raises(ValueError, match="dim"):
+        um.sincos_2d(6, 3)
+
+
+@settings(max_examples=6, deadline=None)
+@given(dim=st.integers(2, 40), order=st.sampled_from(["sin_cos", "cos_sin"]),
+       t=st.lists(st.integers(0, 1000), min_size=3, max_size=3))
+def test_timestep_features_match_formula(dim, order, t):
+    features = jit(um.timestep_features, static_argnums=(1, 2))
+    got = np.asarray(features(jnp.asarray(t), dim, order))
+    half = dim // 2
+    want = np.zeros((len(t), dim))
+    for i, ti in enumerate(t):
+        for k in range(half):
+            arg = ti * math.exp(-math.log(10000.0) * k / half)
+            s, c = math.sin(arg), math.cos(arg)
+            want[i, k], want[i, half + k] = (s, c) if order == "sin_cos" else (c, s)
+    assert got.shape == (len(t), dim)
+    np.testing.assert_allclose(got, want, atol=2e-4)  # float32 args up to 1000
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_matches_numpy_and_keeps_dtype(affine):
+    f = hk.without_apply_rng(hk.transform(lambda x: um.LayerNorm(affine, 1e-6)(x)))
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 5, 8))
+    shapes = jax.eval_shape(f.init, jax.random.key(1), x)
+    assert bool(shapes) == affine
+    params = {"layer_norm": {"scale": jnp.arange(8.0) / 4, "offset": jnp.ones(8) * 0.5}} if affine else {}
+    apply = jit(f.apply)
+    y = apply(params, x)
+    xn = np.asarray(x, np.float64)
+    want = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-6)
+    if affine:
+        want = want * (np.arange(8) / 4) + 0.5
+    assert_close(y, want, rtol=1e-4, atol=1e-4)
+    # bfloat16 in -> bfloat16 out, statistics computed in float32 (a large common
+    # offset would wipe out the signal if the mean were taken in bfloat16).
+    xb = (x + 100.0).astype(jnp.bfloat16)
+    pb = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    yb = apply(pb, xb)
+    assert yb.dtype == jnp.bfloat16
+    xbn = np.asarray(xb.astype(jnp.float32), np.float64)
+    wantb = (xbn - xbn.mean(-1, keepdims=True)) / np.sqrt(xbn.var(-1, keepdims=True) + 1e-6)
+    if affine:
+        wantb = wantb * (np.arange(8) / 4) + 0.5
+    assert_close(yb.astype(jnp.float32), wantb, rtol=3e-2, atol=3e-2)
+
+
+def np_rel_index(g):
+    idx = np.zeros((g * g, g * g), np.int64)
+    for i in range(g * g):
+        for j in range(g * g):
+            dr, dc = i // g - j // g, i % g - j % g
+            idx[i, j] = (dr + g - 1) * (2 * g - 1) + (dc + g - 1)
+    return idx
+
+
+@settings(max_examples=6, deadline=None)
+@given(g=st.integers(1, 6))
+def test_rel_pos_index(g):
+    idx = um.rel_pos_index(g)
+    np.testing.assert_array_equal(idx, np_rel_index(g))
+    assert idx.min() >= 0 and idx.max() < (2 * g - 1) ** 2
+    # Same offset <=> same entry; the diagonal is the zero offset (table centre).
+    assert (np.diag(idx) == (2 * g - 1) ** 2 // 2).all()
+
+
+@pytest.mark.parametrize("g, extra, k, seed", [(2, 0, 3, 0), (3, 2, 5, 1), (4, 1, 16, 2)])
+def test_bias_index_gathers_kept_pairs(g, extra, k, seed):
+    rng = np.random.default_rng(seed)
+    L = g * g
+    ids_keep = np.stack([rng.permutation(L)[:k] for _ in range(2)]).astype(np.int32)
+    got = np.asarray(jit(um.bias_index, static_argnums=(0, 1))(g, extra, jnp.asarray(ids_keep)))
+    full = np_rel_index(g)
+    zero_row = (2 * g - 1) ** 2
+    assert got.shape == (2, extra + k, extra + k)
+    for b in range(2):
+        assert (got[b, :extra, :] == zero_row).all() and (got[b, :, :extra] == zero_row).all()
+        np.testing.assert_array_equal(got[b, extra:, extra:], full[np.ix_(ids_keep[b], ids_keep[b])])
+    whole = np.asarray(um.bias_index(g, extra))
+    assert whole.shape == (1, extra + L, extra + L)
+    np.testing.assert_array_equal(whole[0, extra:, extra:], full)
+
+
+@pytest.mark.parametrize("rel", [False, True])
+def test_attention_matches_numpy(rel):
+    g, heads, w, extra = 3, 2, 8, 1
+    ids_keep = jnp.asarray([[4, 0, 8, 2, 5], [1, 7, 3, 6, 0]], jnp.int32)
+    n = extra + ids_keep.shape[1]
+    index = um.bias_index(g, extra, ids_keep) if rel else None
+
+    def fn(x, index):
+        return um.Attention(heads, g if rel else None)(x, index)
+
+    f = hk.without_apply_rng(hk.transform(fn))
+    x = jax.random.normal(jax.random.key(0), (2, n, w))
+    params = random_like(jax.eval_shape(f.init, jax.random.key(1), x, index), seed=2)
+    y = jit(f.apply)(params, x, index)
+    pn = {k.split("/")[-1]: {kk: np.asarray(v, np.float64) for kk, v in d.items()} for k, d in params.items()}
+    bias = None
+    if rel:
+        table = np.concatenate([pn["attn"]["rel_pos_bias"], np.zeros((1, heads))])
+        bias = table[np.asarray(index)].transpose(0, 3, 1, 2)
+        assert pn["attn"]["rel_pos_bias"].shape == ((2 * g - 1) ** 2, heads)
+    assert_close(y, np_attention(np.asarray(x, np.float64), pn, heads, bias), rtol=1e-4, atol=1e-5)
+
+
+def _embed_params(kind):
+    f = hk.transform(lambda: um.position_embedding(kind, 16, 8, jnp.float32))
+    params = jit(f.init)(jax.random.key(0))
+    return params, jit(f.apply)(params, None)
+
+
+def test_position_embedding_kinds():
+    params, table = _embed_params("sincos_frozen")
+    assert params == {}  # a constant, never a parameter
+    np.testing.assert_allclose(table, um.sincos_2d(8, 16), atol=1e-7)
+    params, table = _embed_params("sincos_learned")
+    np.testing.assert_allclose(params["~"]["pos_embed"], um.sincos_2d(8, 16), atol=1e-7)
+    params, table = _embed_params("learned")
+    # UMD init N(0, 1/sqrt(gh*gw)): 256 tokens -> std 1/16.
+    assert table.shape == (256, 8) and abs(float(jnp.std(table)) - 1 / 16) < 0.1 / 16
+    assert _embed_params("none")[1] is None
+
+
+def test_label_embedding_null_row_and_unconditional():
+    def fn(t, labels, classes):
+        return um.conditioning(t, labels, width=8, num_classes=classes, freq_dim=8,
+                               freq_order="sin_cos", max_period=10000.0, dtype=jnp.float32)
+
+    f = hk.without_apply_rng(hk.transform(lambda t, y: fn(t, y, 4)))
+    t = jnp.array([0, 7])
+    params = random_like(jax.eval_shape(f.init, jax.random.key(0), t, None))
+    assert params["label_embed"]["embeddings"].shape == (5, 8)  # num_classes + 1 rows
+    apply = jit(f.apply)
+    assert_close(apply(params, t, None), apply(params, t, jnp.array([4, 4])), 0, 0)
+    assert not np.allclose(apply(params, t, None), apply(params, t, jnp.array([1, 2])))
+    u = hk.without_apply_rng(hk.transform(lambda t, y: fn(t, y, 0)))
+    pu = random_like(jax.eval_shape(u.init, jax.random.key(0), t, None))
+    assert "label_embed" not in pu
+    assert_close(jit(u.apply)(pu, t, jnp.array([1, 2])), jit(u.apply)(pu, t, None), 0, 0)
+
+
+def test_drop_labels():
+    y = jnp.arange(6) % 3
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(um.drop_labels(key, y, 0.0, 3), y)
+    np.testing.assert_array_equal(um.drop_labels(key, y, 1.0, 3), jnp.full(6, 3))
+    big = um.drop_labels(key, jnp.zeros(20000, jnp.int32), 0.1, 3)
+    assert abs(float(jnp.mean(big == 3)) - 0.1) < 0.01

@@ -1,0 +1,90 @@
+"""Diffusion noise schedules with an extra clean step, and the forward process.
+
+Tables have T + 1 entries. Index 0 is the clean step (beta 0, alpha_bar 1), so
+``q_sample`` at t = 0 returns x0 unchanged and the clean branch of UMD is just t = 0.
+Indices 1..T are the usual noisy steps. ``t`` arguments are integer table indices.
+
+Shape glossary: B batch; ``...`` any trailing shape (tokens, pixels).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+SCHEDULE_KINDS = ("cosine", "linear")
+
+
+class Schedule(NamedTuple):
+    """A pytree of (T + 1,) float32 tables; index 0 is the clean step."""
+
+    betas: Float[Array, "t1"]
+    alphas_cumprod: Float[Array, "t1"]
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of noisy steps."""
+        return self.betas.shape[0] - 1
+
+
+def _cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    # Nichol & Dhariwal: alpha_bar(t) = f(t) / f(0), betas from ratios, clipped.
+    t = np.arange(num_steps + 1, dtype=np.float64)
+    f = np.cos(((t / num_steps + s) / (1 + s)) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
+
+
+def _linear_betas(num_steps: int, start: float = 1e-4, end: float = 0.02) -> np.ndarray:
+    return np.linspace(start, end, num_steps, dtype=np.float64)
+
+
+def make_schedule(kind: str = "cosine", num_steps: int = 1000) -> Schedule:
+    """Build a schedule: ``"cosine"`` (pixels) or ``"linear"`` (latents)."""
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(f"unknown schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    noisy = _cosine_betas(num_steps) if kind == "cosine" else _linear_betas(num_steps)
+    betas = np.concatenate([[0.0], noisy])
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    return Schedule(
+        betas=jnp.asarray(betas, jnp.float32),
+        alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32),
+    )
+
+
+def _at(table: Float[Array, "t1"], t: Int[Array, "b"], like: Array) -> Array:
+    """Look up ``table[t]`` and reshape to broadcast against ``like`` (B, ...)."""
+    vals = jnp.take(table, t).astype(like.dtype)
+    return vals.reshape(t.shape + (1,) * (like.ndim - t.ndim))
+
+
+def q_sample(
+    schedule: Schedule, x0: Float[Array, "b ..."], t: Int[Array, "b"], noise: Float[Array, "b ..."]
+) -> Float[Array, "b ..."]:
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
+    a = _at(schedule.alphas_cumprod, t, x0)
+    return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+
+
+def x0_from_eps(
+    schedule: Schedule, xt: Float[Array, "b ..."], t: Int[Array, "b"], eps: Float[Array, "b ..."]
+) -> Float[Array, "b ..."]:
+    """Invert q_sample for x0 given the noise. Exact (x0 = x_t) at t = 0."""
+    a = _at(schedule.alphas_cumprod, t, xt)
+    return (xt - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+
+
+def eps_from_x0(
+    schedule: Schedule, xt: Float[Array, "b ..."], t: Int[Array, "b"], x0: Float[Array, "b ..."]
+) -> Float[Array, "b ..."]:
+    """Invert q_sample for the noise given x0. At t = 0 there is no noise: returns 0."""
+    a = _at(schedule.alphas_cumprod, t, xt)
+    sigma = jnp.sqrt(1.0 - a)
+    safe = jnp.where(sigma > 0, sigma, 1.0)
+    return jnp.where(sigma > 0, (xt - jnp.sqrt(a) * x0) / safe, 0.0)

@@ -1,0 +1,178 @@
+"""FID and Inception Score from features: streaming statistics, Fréchet distance, IS, stats files.
+
+Everything here is float64 numpy (no JAX), so the statistics of 50k x 2048 features are
+accumulated exactly enough and the matrix square root needs no scipy:
+trace(sqrtm(s1 @ s2)) = sum of sqrt(eigenvalues of sqrt(s1) @ s2 @ sqrt(s1)), a symmetric
+PSD matrix with the same eigenvalues as s1 @ s2, so ``numpy.linalg.eigh`` suffices.
+
+Reference statistics files are ``.npz`` with ``mu`` (d,) and ``sigma`` (d, d).
+
+Shape glossary: N number of samples; D feature dimension (2048 for Inception pool); K classes.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Any
+
+import numpy as np
+from jaxtyping import Float
+
+
+class RunningStats:
+    """Streaming mean and unbiased covariance (like ``numpy.cov(x, rowvar=False)``).
+
+    Accumulates, in float64, the sum and the sum of outer products of ``x - shift`` where
+    ``shift`` is the first batch's mean: shifting keeps the cancellation in
+    ``S - n mu mu^T`` small when features have a large mean. The object is local state owned
+    by the caller (one per evaluation), not a global.
+    """
+
+    def __init__(self, dim: int | None = None):
+        self.dim = dim
+        self.count = 0
+        self._shift: np.ndarray | None = None
+        self._sum: np.ndarray | None = None
+        self._outer: np.ndarray | None = None
+
+    def update(self, feats: Float[Any, "n d"]) -> "RunningStats":
+        x = np.asarray(feats, dtype=np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"feats must be 2-D (N, D), got shape {x.shape}")
+        if self.dim is not None and x.shape[1] != self.dim:
+            raise ValueError(f"feats must have D = {self.dim} columns, got shape {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("feats contain non-finite values")
+        if x.shape[0] == 0:
+            return self
+        if self._shift is None:
+            self.dim = x.shape[1]
+            self._shift = x.mean(axis=0)
+            self._sum = np.zeros(self.dim)
+            self._outer = np.zeros((self.dim, self.dim))
+        xc = x - self._shift
+        self._sum += xc.sum(axis=0)
+        self._outer += xc.T @ xc
+        self.count += x.shape[0]
+        return self
+
+    @property
+    def mean(self) -> Float[np.ndarray, "d"]:
+        if self.count == 0:
+            raise ValueError("RunningStats.mean needs at least one sample")
+        return self._shift + self._sum / self.count
+
+    @property
+    def cov(self) -> Float[np.ndarray, "d d"]:
+        if self.count < 2:
+            raise ValueError(f"RunningStats.cov needs at least 2 samples, got {self.count}")
+        m = self._sum / self.count
+        return (self._outer - self.count * np.outer(m, m)) / (self.count - 1)
+
+
+def feature_stats(feats: Float[Any, "n d"]) -> tuple[Float[np.ndarray, "d"], Float[np.ndarray, "d d"]]:
+    """(mean, unbiased covariance) of a full feature array."""
+    stats = RunningStats().update(feats)
+    return stats.mean, stats.cov
+
+
+def _check_stats(mu: np.ndarray, sigma: np.ndarray, which: str) -> None:
+    if mu.ndim != 1:
+        raise ValueError(f"{which}: mu must be 1-D (D,), got shape {mu.shape}")
+    if sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{which}: sigma must be (D, D) = {(mu.shape[0],) * 2}, got {sigma.shape}")
+
+
+def _clean_eigvals(w: np.ndarray) -> np.ndarray:
+    """Zero eigenvalues at round-off level (sqrt would amplify 1e-16 noise to 1e-8)."""
+    tol = np.max(np.abs(w), initial=0.0) * w.shape[0] * np.finfo(np.float64).eps
+    return np.where(w > tol, w, 0.0)
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (v * np.sqrt(_clean_eigvals(w))) @ v.T
+
+
+def frechet_distance(
+    mu1: Float[Any, "d"], sigma1: Float[Any, "d d"], mu2: Float[Any, "d"], sigma2: Float[Any, "d d"]
+) -> float:
+    """||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)), in float64.
+
+    Eigenvalues at round-off level, including tiny negative ones (covariances of fewer
+    samples than dimensions are singular), are set to 0 rather than producing NaN,
+    complex parts, or amplified sqrt(1e-16) noise.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    _check_stats(mu1, s1, "first statistics")
+    _check_stats(mu2, s2, "second statistics")
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}")
+    root1 = _psd_sqrt(s1)
+    inner = root1 @ s2 @ root1
+    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
+    tr_covmean = np.sqrt(_clean_eigvals(eig)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def inception_score(probs: Float[Any, "n k"], splits: int = 10) -> tuple[float, float]:
+    """Inception Score: mean and std over ``splits`` chunks of exp(E_x KL(p(y|x) || p(y))).
+
+    ``probs`` are class probabilities (rows summing to 1), e.g. ``softmax(logits)`` of the
+    FID Inception's 1008 logits. Chunks are contiguous, as in the original code.
+    """
+    p = np.asarray(probs, np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probs must be 2-D (N, K), got shape {p.shape}")
+    if not isinstance(splits, (int, np.integer)) or splits < 1 or splits > p.shape[0]:
+        raise ValueError(f"splits must be an integer in [1, N = {p.shape[0]}], got {splits!r}")
+    if np.any(p < 0) or not np.allclose(p.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError("probs must be non-negative with rows summing to 1 (apply softmax first)")
+    scores = []
+    for chunk in np.array_split(p, splits):
+        marginal = chunk.mean(axis=0, keepdims=True)
+        # 0 * log 0 = 0: only classes with p > 0 contribute.
+        ratio = np.where(chunk > 0, chunk / np.where(marginal > 0, marginal, 1.0), 1.0)
+        kl = np.sum(chunk * np.log(ratio), axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def save_stats(path: str | os.PathLike, mu: Float[Any, "d"], sigma: Float[Any, "d d"]) -> None:
+    """Write reference statistics as ``.npz`` with keys ``mu`` and ``sigma`` (float64)."""
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    _check_stats(mu, sigma, f"statistics for {os.fspath(path)!r}")
+    with open(path, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma)
+
+
+def load_stats(path: str | os.PathLike) -> tuple[Float[np.ndarray, "d"], Float[np.ndarray, "d d"]]:
+    """Read ``mu``, ``sigma`` from an ``.npz``; ValueError naming the file when malformed."""
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise ValueError(f"statistics file {source!r} not found")
+    try:
+        data = np.load(source, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"statistics file {source!r} is not a readable .npz ({e})") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"statistics file {source!r} is not an .npz archive with 'mu' and 'sigma'")
+    with data:
+        missing = [k for k in ("mu", "sigma") if k not in data.files]
+        if missing:
+            raise ValueError(
+                f"statistics file {source!r} lacks key(s) {missing}; expected 'mu' (D,) and "
+                f"'sigma' (D, D), found {sorted(data.files)}"
+            )
+        try:
+            mu = np.asarray(data["mu"], np.float64)
+            sigma = np.asarray(data["sigma"], np.float64)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(f"statistics file {source!r} has an unreadable entry ({e})") from e
+    _check_stats(mu, sigma, f"statistics file {source!r}")
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+        raise ValueError(f"statistics file {source!r} contains non-finite values")
+    return mu, sigma

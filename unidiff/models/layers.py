@@ -1,0 +1,171 @@
+"""Small building blocks: LayerNorm, modulation, patch / position / time / label embeddings.
+
+All modules are dtype-agnostic: they compute in the dtype of their input and parameters
+(e.g. bfloat16 when the caller casts both), except LayerNorm statistics and sinusoid
+features, which are computed in float32 and cast back.
+
+Shape glossary: B batch, N tokens in a sequence, L = gh * gw patch tokens, K visible
+tokens, P = p*p*C values per patch, W width, F frequency features.
+"""
+
+from __future__ import annotations
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+# PyTorch's nn.Linear in DiT/MAE is re-initialised with xavier_uniform, biases 0.
+xavier_uniform = hk.initializers.VarianceScaling(1.0, "fan_avg", "uniform")
+normal_002 = hk.initializers.RandomNormal(stddev=0.02)
+zeros = hk.initializers.Constant(0.0)
+
+
+def dense(features: int, name: str, zero_init: bool = False) -> hk.Linear:
+    """A Linear layer with the papers' init (xavier uniform or zeros, bias zero)."""
+    return hk.Linear(features, w_init=zeros if zero_init else xavier_uniform, b_init=zeros, name=name)
+
+
+class LayerNorm(hk.Module):
+    """LayerNorm over the last axis with statistics in float32; optional affine."""
+
+    def __init__(self, affine: bool, eps: float = 1e-6, name: str | None = None):
+        super().__init__(name=name)
+        self.affine = affine
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        if self.affine:
+            d = x.shape[-1]
+            scale = hk.get_parameter("scale", (d,), x.dtype, init=hk.initializers.Constant(1.0))
+            offset = hk.get_parameter("offset", (d,), x.dtype, init=zeros)
+            y = y * scale.astype(x.dtype) + offset.astype(x.dtype)
+        return y
+
+
+def modulate(
+    x: Float[Array, "b n d"], shift: Float[Array, "b d"], scale: Float[Array, "b d"]
+) -> Float[Array, "b n d"]:
+    """AdaLN modulation x * (1 + scale) + shift, broadcast over tokens."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+# ----------------------------------------------------------------------------------
+# Position embeddings
+# ----------------------------------------------------------------------------------
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """(N,) positions -> (N, dim): [sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-2k/dim)."""
+    if dim % 2:
+        raise ValueError(f"dim: the 1-D sin-cos embedding needs an even dim, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    args = positions.reshape(-1).astype(np.float64)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(args), np.cos(args)], axis=1)
+
+
+def sincos_2d(dim: int, grid: int) -> np.ndarray:
+    """(grid*grid, dim) fixed 2-D sin-cos embedding in raster order (MAE/DiT layout):
+    the first dim/2 channels encode the column index, the last dim/2 the row index."""
+    if dim % 4:
+        raise ValueError(f"dim: the 2-D sin-cos embedding needs dim divisible by 4, got {dim}")
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    return np.concatenate(
+        [sincos_1d(dim // 2, cols.reshape(-1)), sincos_1d(dim // 2, rows.reshape(-1))], axis=1
+    ).astype(np.float32)
+
+
+def position_embedding(
+    kind: str, grid: int, dim: int, dtype, name: str = "pos_embed"
+) -> Float[Array, "l d"] | None:
+    """The (L, dim) position table of ``kind`` (see config.POS_EMBED_KINDS), or None.
+
+    ``learned``: parameter, UMD init N(0, std = 1/sqrt(gh*gw)); ``sincos_learned``:
+    parameter initialised with the 2-D sin-cos table; ``sincos_frozen``: a constant, so
+    it never shows up among the parameters or the gradients.
+    """
+    length = grid * grid
+    if kind == "none":
+        return None
+    if kind == "sincos_frozen":
+        return jnp.asarray(sincos_2d(dim, grid), dtype)
+    if kind == "learned":
+        init = hk.initializers.RandomNormal(stddev=1.0 / np.sqrt(length))
+    elif kind == "sincos_learned":
+        init = lambda shape, dt: jnp.asarray(sincos_2d(dim, grid), dt)  # noqa: E731
+    else:
+        raise ValueError(f"pos_embed: unknown kind {kind!r}")
+    return hk.get_parameter(name, (length, dim), dtype, init=init).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------
+# Time and label conditioning
+# ----------------------------------------------------------------------------------
+def timestep_features(
+    t: Int[Array, "b"] | Float[Array, "b"], dim: int, order: str = "sin_cos", max_period: float = 10000.0
+) -> Float[Array, "b f"]:
+    """Sinusoidal features of the table index t in float32: frequencies
+    max_period^(-k/half), k < half = dim // 2; ``order`` puts sin or cos first; an odd
+    ``dim`` is padded with one zero."""
+    half = dim // 2
+    freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    parts = [jnp.sin(args), jnp.cos(args)]
+    if order == "cos_sin":
+        parts = parts[::-1]
+    elif order != "sin_cos":
+        raise ValueError(f"freq_order: expected 'sin_cos' or 'cos_sin', got {order!r}")
+    if dim % 2:
+        parts.append(jnp.zeros_like(args[:, :1]))
+    return jnp.concatenate(parts, axis=-1)
+
+
+class TimeEmbed(hk.Module):
+    """t -> sinusoid(F) -> Dense(W) -> SiLU -> Dense(W) (weights N(0, 0.02), as DiT)."""
+
+    def __init__(self, width: int, freq_dim: int, order: str, max_period: float, name: str = "time_embed"):
+        super().__init__(name=name)
+        self.width, self.freq_dim, self.order, self.max_period = width, freq_dim, order, max_period
+
+    def __call__(self, t: Int[Array, "b"], dtype) -> Float[Array, "b w"]:
+        h = timestep_features(t, self.freq_dim, self.order, self.max_period).astype(dtype)
+        h = hk.Linear(self.width, w_init=normal_002, b_init=zeros, name="fc1")(h)
+        return hk.Linear(self.width, w_init=normal_002, b_init=zeros, name="fc2")(jax.nn.silu(h))
+
+
+class LabelEmbed(hk.Module):
+    """Label table with num_classes + 1 rows; the last row is the null class used for
+    classifier-free guidance, label dropout and the clean branch."""
+
+    def __init__(self, num_classes: int, width: int, name: str = "label_embed"):
+        super().__init__(name=name)
+        self.num_classes, self.width = num_classes, width
+
+    def __call__(self, labels: Int[Array, "b"] | None, batch: int, dtype) -> Float[Array, "b w"]:
+        table = hk.get_parameter("embeddings", (self.num_classes + 1, self.width), dtype, init=normal_002)
+        if labels is None:
+            labels = jnp.full((batch,), self.num_classes, jnp.int32)
+        return jnp.take(table, labels, axis=0).astype(dtype)
+
+
+def drop_labels(
+    key: PRNGKeyArray, labels: Int[Array, "b"], rate: float, num_classes: int
+) -> Int[Array, "b"]:
+    """Label dropout for classifier-free guidance: each label becomes the null class
+    ``num_classes`` with probability ``rate``."""
+    drop = jax.random.bernoulli(key, rate, labels.shape)
+    return jnp.where(drop, num_classes, labels).astype(labels.dtype)
+
+
+def conditioning(
+    t: Int[Array, "b"], labels: Int[Array, "b"] | None, *, width: int, num_classes: int,
+    freq_dim: int, freq_order: str, max_period: float, dtype,
+) -> Float[Array, "b w"]:
+    """cond = silu(t_emb + y_emb); no label term when num_classes == 0 (labels ignored)."""
+    emb = TimeEmbed(width, freq_dim, freq_order, max_period)(t, dtype)
+    if num_classes > 0:
+        emb = emb + LabelEmbed(num_classes, width)(labels, t.shape[0], dtype)
+    return jax.nn.silu(emb)

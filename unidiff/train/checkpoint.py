@@ -1,0 +1,99 @@
+"""Orbax checkpoints of the train state plus the Grain iterator state.
+
+One ``CheckpointManager`` under ``workdir/checkpoints`` keeps the last N steps. Each
+step stores the ``TrainState`` pytree (params, optimizer state, EMA, step, rng) and the
+Grain iterator state (one JSON file per process, through Grain's orbax handler). Orbax writes a step into a temporary directory and renames
+it when complete, so a process killed mid-save leaves the previous step loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from unidiff.train.state import TrainState
+
+
+class Checkpointer:
+    """Save and restore (TrainState, Grain iterator) pairs in a workdir."""
+
+    def __init__(self, workdir: str, max_to_keep: int = 3):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            item_names=("state", "data"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: TrainState, data_iter: Any, force: bool = False) -> bool:
+        saved = self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iter),
+            ),
+            force=force,
+        )
+        return bool(saved)
+
+    def restore(self, abstract_state: TrainState, data_iter: Any, step: int | None = None) -> TrainState:
+        """Restore the state and, in place, the position of ``data_iter``."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {self.directory}")
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iter),
+            ),
+        )
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params(workdir: str, use_ema: bool = True) -> tuple[Any, int]:
+    """Load only the (EMA, if present and asked) parameters of a workdir's latest step.
+
+    Used by the finetune, sample and probe binaries; no template is needed.
+    """
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    mngr = ocp.CheckpointManager(directory, item_names=("state", "data"))
+    step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"--workdir {workdir}: no checkpoint found under {directory}; run pretrain.py first"
+        )
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    state = restored["state"]
+    # Restored without a template the NamedTuple comes back as a dict or list.
+    fields = TrainState._fields
+    if isinstance(state, (list, tuple)):
+        state = dict(zip(fields, state))
+    ema = state.get("ema_params")
+    params = ema if (use_ema and ema) else state["params"]
+    mngr.close()
+    return jax.tree.map(lambda a: a, params), step
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,139 @@
+"""The run configuration shared by the pretrain and finetune binaries, validated up front.
+
+Every check here runs before any data is read or anything is compiled, and a failure
+names the flag that is wrong and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+RECIPES = ("umd", "umd_finetune", "mae", "dit", "maskdit", "mdt", "usp")
+ARCHS = ("auto", "umd", "umd_no_adaln", "mae", "mdt", "maskdit", "dit")
+# The UMD paper runs every baseline on the same encoder-decoder, MAE without AdaLN;
+# USP is MAE with MAE's own 512x8 decoder; MDT needs its side-interpolater.
+DEFAULT_ARCH = {"mae": "umd_no_adaln", "usp": "mae", "mdt": "mdt"}
+
+
+class ConfigError(ValueError):
+    """A bad flag; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    workdir: str
+    recipe: str = "umd"
+    arch: str = "auto"
+    model: str = "B/4"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int = 0  # 0 = the dataset's native size
+    batch_size: int = 256
+    train_steps: int = 0
+    epochs: float = 0.0
+    base_lr: float = 1.5e-4
+    min_lr: float = 0.0
+    warmup_steps: int = -1  # -1 = 5% of the run (40 of 800 epochs in the paper)
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    compute_dtype: str = "float32"
+    num_workers: int = 0
+    crop_area_min: float = 0.8
+    crop_area_max: float = 1.0
+    flip: str = "auto"  # auto = on, except for digits
+    r_t0: float | None = None
+    m_t0: float | None = None
+    m_t: float | None = None
+    label_dropout: float | None = None
+    class_conditional: bool = False
+    num_cls_tokens: int = -1  # -1 = the architecture's default
+    max_nonfinite: int = 10
+    num_devices: int = 0  # 0 = all devices
+    init_from: str | None = None  # finetune: a pretraining workdir
+    stop_after: int = 0  # run at most this many steps in this process, then checkpoint
+
+    def resolved_arch(self) -> str:
+        return DEFAULT_ARCH.get(self.recipe, "umd") if self.arch == "auto" else self.arch
+
+    def validate(self) -> None:
+        def fail(flag: str, msg: str) -> None:
+            raise ConfigError(f"--{flag}: {msg}")
+
+        if not self.workdir:
+            fail("workdir", "is required (a directory for checkpoints and metrics)")
+        if self.recipe not in RECIPES:
+            fail("recipe", f"got {self.recipe!r}, expected one of {', '.join(RECIPES)}")
+        if self.arch not in ARCHS:
+            fail("arch", f"got {self.arch!r}, expected one of {', '.join(ARCHS)}")
+        if self.batch_size < 1:
+            fail("batch_size", f"must be >= 1, got {self.batch_size}")
+        if (self.train_steps > 0) == (self.epochs > 0):
+            fail("train_steps", "set exactly one of --train_steps or --epochs to a positive value")
+        if self.image_size < 0:
+            fail("image_size", f"must be >= 0 (0 = native size), got {self.image_size}")
+        for flag in ("base_lr", "min_lr", "weight_decay"):
+            if getattr(self, flag) < 0:
+                fail(flag, f"must be >= 0, got {getattr(self, flag)}")
+        for flag in ("b1", "b2", "ema_decay"):
+            v = getattr(self, flag)
+            if not 0.0 <= v < 1.0:
+                fail(flag, f"must be in [0, 1), got {v}")
+        for flag in ("m_t0", "m_t"):
+            v = getattr(self, flag)
+            if v is not None and not 0.0 <= v < 1.0:
+                fail(flag, f"mask ratio must be in [0, 1), got {v}")
+        if self.r_t0 is not None and not 0.0 <= self.r_t0 <= 1.0:
+            fail("r_t0", f"must be in [0, 1], got {self.r_t0}")
+        if self.label_dropout is not None and not 0.0 <= self.label_dropout <= 1.0:
+            fail("label_dropout", f"must be in [0, 1], got {self.label_dropout}")
+        if not 0.0 < self.crop_area_min <= self.crop_area_max <= 1.0:
+            fail("crop_area_min", "need 0 < crop_area_min <= crop_area_max <= 1, got "
+                 f"{self.crop_area_min}, {self.crop_area_max}")
+        if self.flip not in ("auto", "true", "false"):
+            fail("flip", f"expected auto, true or false, got {self.flip!r}")
+        if self.log_every < 1:
+            fail("log_every", f"must be >= 1, got {self.log_every}")
+        if self.ckpt_every < 1:
+            fail("ckpt_every", f"must be >= 1, got {self.ckpt_every}")
+        if self.keep_checkpoints < 1:
+            fail("keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            fail("compute_dtype", f"expected float32 or bfloat16, got {self.compute_dtype!r}")
+        if self.num_workers < 0:
+            fail("num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.max_nonfinite < 1:
+            fail("max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
+        if self.stop_after < 0:
+            fail("stop_after", f"must be >= 0 (0 = run to the end), got {self.stop_after}")
+        if self.num_devices < 0:
+            fail("num_devices", f"must be >= 0 (0 = all), got {self.num_devices}")
+
+    # Changing these under an existing workdir would silently corrupt a resumed run.
+    RESUME_KEYS = ("recipe", "arch", "model", "dataset", "image_size", "batch_size",
+                   "r_t0", "m_t0", "m_t", "class_conditional", "num_cls_tokens",
+                   "compute_dtype", "seed")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check_resume_compatible(self, path: str) -> None:
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            old = json.load(f)
+        for key in self.RESUME_KEYS:
+            if key in old and old[key] != getattr(self, key):
+                raise ConfigError(
+                    f"--{key}: {getattr(self, key)!r} differs from {old[key]!r} in {path}; "
+                    "use a new --workdir or the original value to resume"
+                )

@@ -1,0 +1,316 @@
+"""The training loop behind ``experiments/pretrain.py`` and ``experiments/finetune.py``.
+
+``prepare(cfg)`` validates every flag against the data, the model and the devices and
+returns a ``Run`` before anything is compiled; ``train(run)`` then initialises or
+resumes, steps, logs and checkpoints. A workdir holds ``config.json``,
+``metrics.jsonl`` (one JSON object per logged step) and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from unidiff import corruption as uc
+from unidiff import data as ud
+from unidiff import models as um
+from unidiff.train import checkpoint as ckpt_lib
+from unidiff.train.config import ConfigError, TrainConfig
+from unidiff.train.optim import OptimConfig, lr_schedule, make_optimizer
+from unidiff.train.state import TrainState, init_state
+from unidiff.train.step import StepConfig, make_mesh, make_train_step, replicate, shard_batch
+
+log = logging.getLogger("unidiff")
+
+def _umd_no_adaln(variant, image_size, channels, num_classes=0, **overrides):
+    # The UMD paper's MAE baseline: UMD's encoder-decoder, conditioning as a token.
+    return um.umd_config(variant, image_size, channels, num_classes, adaln=False, **overrides)
+
+
+ARCH_BUILDERS = {
+    "umd": um.umd_config,
+    "umd_no_adaln": _umd_no_adaln,
+    "mae": um.mae_config,
+    "mdt": um.mdt_config,
+    "maskdit": um.maskdit_config,
+}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite losses); the message says why."""
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: TrainConfig
+    recipe: uc.Recipe
+    model_config: Any
+    source: Any
+    image_size: int
+    num_classes: int  # classes the model is conditioned on (0 = unconditional)
+    num_devices: int
+    total_steps: int
+    warmup_steps: int
+    flip: bool
+
+
+def _recipe_for(cfg: TrainConfig) -> uc.Recipe:
+    overrides = {k: getattr(cfg, k) for k in ("r_t0", "m_t0", "m_t", "label_dropout")
+                 if getattr(cfg, k) is not None}
+    try:
+        return uc.recipes.get(cfg.recipe).replace(**overrides)
+    except ValueError as e:
+        raise ConfigError(f"--recipe {cfg.recipe} with overrides {overrides}: {e}") from None
+
+
+def model_config_for(cfg: TrainConfig, image_size: int, channels: int, num_classes: int):
+    arch = cfg.resolved_arch()
+    variant = cfg.model
+    patch = variant.rsplit("/", 1)[-1]
+    if not patch.isdigit():
+        raise ConfigError(f"--model: expected a variant like 'B/4' (size/patch), got {variant!r}")
+    if image_size % int(patch):
+        raise ConfigError(
+            f"--image_size {image_size} is not divisible by the patch size {patch} of --model {variant}"
+        )
+    overrides = {}
+    if cfg.num_cls_tokens >= 0:
+        overrides["num_cls_tokens"] = cfg.num_cls_tokens
+    try:
+        if arch == "dit":
+            return um.dit_config(variant, image_size, channels, num_classes=num_classes,
+                                 learn_sigma=False)
+        return ARCH_BUILDERS[arch](variant, image_size, channels, num_classes=num_classes,
+                                   **overrides)
+    except ValueError as e:
+        raise ConfigError(f"--model {variant} (--arch {arch}): {e}") from None
+
+
+def prepare(cfg: TrainConfig) -> Run:
+    """Validate everything that can be checked without compiling; raise ConfigError."""
+    cfg.validate()
+    try:
+        info = ud.validate_data(cfg.dataset, cfg.data_dir, "train")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    image_size = cfg.image_size or info.image_size
+    num_classes = info.num_classes if cfg.class_conditional else 0
+    model_config = model_config_for(cfg, image_size, info.channels, num_classes)
+    recipe = _recipe_for(cfg)
+    num_tokens = (image_size // model_config.patch_size) ** 2
+    try:
+        recipe.validate_for(num_tokens)
+    except ValueError as e:
+        raise ConfigError(f"--recipe {cfg.recipe}: {e} (image has {num_tokens} tokens)") from None
+
+    num_devices = cfg.num_devices or jax.device_count()
+    if num_devices > jax.device_count():
+        raise ConfigError(f"--num_devices {num_devices}: only {jax.device_count()} devices exist")
+    if cfg.batch_size % num_devices:
+        raise ConfigError(
+            f"--batch_size {cfg.batch_size} is not divisible by the {num_devices} devices"
+        )
+    if cfg.batch_size % jax.process_count():
+        raise ConfigError(
+            f"--batch_size {cfg.batch_size} is not divisible by the {jax.process_count()} processes"
+        )
+    try:
+        uc.split_batch(cfg.batch_size, recipe.r_t0, num_devices)
+    except ValueError as e:
+        raise ConfigError(f"--batch_size: {e}") from None
+    if cfg.init_from and not os.path.isdir(os.path.join(cfg.init_from, "checkpoints")):
+        raise ConfigError(f"--init_from {cfg.init_from}: no checkpoints/ directory there")
+
+    if cfg.train_steps > 0:
+        total = cfg.train_steps
+    else:
+        total = max(1, int(cfg.epochs * info.num_examples // cfg.batch_size))
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, total // 20)
+    flip = {"auto": cfg.dataset != "digits", "true": True, "false": False}[cfg.flip]
+    source = ud.build_source(cfg.dataset, cfg.data_dir, "train")
+    return Run(cfg, recipe, model_config, source, image_size, num_classes, num_devices,
+               total, warmup, flip)
+
+
+class _Stop:
+    """SIGTERM/SIGINT flag checked between steps (no work happens in the handler)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+
+    def install(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self)
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Drop log lines past the restored step (they will be re-logged identically)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError):
+                continue  # a line torn by a kill
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) -> dict:
+    """Train to ``run.total_steps``, resuming from the workdir if it has a checkpoint.
+
+    ``init_params(model, key) -> params`` overrides fresh initialisation (finetuning).
+    Returns the last logged metrics.
+    """
+    cfg = run.cfg
+    os.makedirs(cfg.workdir, exist_ok=True)
+    config_path = os.path.join(cfg.workdir, "config.json")
+    cfg.check_resume_compatible(config_path)
+    if jax.process_index() == 0:
+        ckpt_lib.write_json_atomic(config_path, cfg.to_json())
+    metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
+
+    mesh = make_mesh(run.num_devices)
+    model = um.Model(run.model_config)
+    opt_cfg = OptimConfig(base_lr=cfg.base_lr, batch_size=cfg.batch_size,
+                          total_steps=run.total_steps, warmup_steps=run.warmup_steps,
+                          min_lr=cfg.min_lr, b1=cfg.b1, b2=cfg.b2,
+                          weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    optimizer = make_optimizer(opt_cfg)
+    lr_fn = lr_schedule(opt_cfg)
+    step_fn = make_train_step(
+        model, run.recipe, optimizer, mesh, cfg.batch_size,
+        StepConfig(patch_size=run.model_config.patch_size, num_classes=run.num_classes,
+                   ema_decay=cfg.ema_decay, compute_dtype=cfg.compute_dtype),
+        lr_fn=lr_fn,
+    )
+
+    # The loader takes the global batch and yields this process's contiguous block of
+    # it, so processes joined in order see exactly the single-process batch.
+    data_iter = ud.make_loader(
+        run.source, batch_size=cfg.batch_size, seed=cfg.seed, train=True,
+        image_size=run.image_size, crop_area=(cfg.crop_area_min, cfg.crop_area_max),
+        flip=run.flip, num_workers=cfg.num_workers,
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+    )
+
+    root = jax.random.key(cfg.seed)
+    init_key, state_key = jax.random.split(root)
+
+    def fresh_state() -> TrainState:
+        params = init_params(model, init_key) if init_params else model.init(init_key)
+        return init_state(params, optimizer, state_key, use_ema=cfg.ema_decay > 0)
+
+    checkpointer = ckpt_lib.Checkpointer(cfg.workdir, max_to_keep=cfg.keep_checkpoints)
+    start = checkpointer.latest_step()
+    if start is not None:
+        abstract = jax.eval_shape(fresh_state)
+        state = checkpointer.restore(abstract, data_iter, start)
+        if jax.process_index() == 0:
+            _truncate_metrics(metrics_path, start)
+        log.info("resumed from %s at step %d", checkpointer.directory, start)
+    else:
+        state = fresh_state()
+        start = 0
+    state = replicate(state, mesh)
+
+    stop = _Stop()
+    stop.install()
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
+    log.info("model %s (%s arch, %.2fM params), recipe %s, %d devices, batch %d, %d steps",
+             cfg.model, cfg.resolved_arch(), n_params / 1e6, cfg.recipe, run.num_devices,
+             cfg.batch_size, run.total_steps)
+
+    last: dict = {}
+    window_start, window_steps = time.perf_counter(), 0
+    run_start, run_start_step = window_start, start
+    metrics_file = open(metrics_path, "a") if jax.process_index() == 0 else None
+    step, skipped_logged = start, 0
+    end = run.total_steps if cfg.stop_after == 0 else min(run.total_steps, start + cfg.stop_after)
+    try:
+        with jax.set_mesh(mesh):
+            while step < end:
+                batch = shard_batch(next(data_iter), mesh, cfg.batch_size)
+                state, metrics = step_fn(state, batch)
+                step += 1
+                window_steps += 1
+                if int(state.nonfinite_run) >= cfg.max_nonfinite:
+                    raise TrainingError(
+                        f"stopping at step {step}: {int(state.nonfinite_run)} consecutive "
+                        f"non-finite losses (--max_nonfinite {cfg.max_nonfinite}); the last "
+                        f"good checkpoint is step {checkpointer.latest_step()} in "
+                        f"{checkpointer.directory}. Lower --base_lr or check the data."
+                    )
+                if step % cfg.log_every == 0 or step == run.total_steps:
+                    m = jax.device_get(metrics)
+                    now = time.perf_counter()
+                    ips = window_steps * cfg.batch_size / (now - window_start)
+                    rate = (step - run_start_step) / max(now - run_start, 1e-9)
+                    last = {k: float(v) for k, v in m.items() if k != "finite"}
+                    last.update(step=step, images_per_s=ips,
+                                nonfinite_total=int(state.nonfinite_total),
+                                skipped_images=int(data_iter.num_skipped))
+                    parts = " ".join(
+                        f"{k[5:]} {last[k]:.4f}" for k in sorted(last)
+                        if k.startswith("loss_")
+                    )
+                    log.info(
+                        "step %d/%d loss %.4f%s lr %.3g %.1f img/s ETA %s",
+                        step, run.total_steps, last["loss"], f" ({parts})" if parts else "",
+                        last.get("lr", math.nan), ips,
+                        _fmt_eta((run.total_steps - step) / max(rate, 1e-9)),
+                    )
+                    if last["skipped_images"] > skipped_logged:
+                        log.warning("skipped %d unreadable images so far (see the log above "
+                                    "for their paths)", last["skipped_images"])
+                        skipped_logged = last["skipped_images"]
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(last, sort_keys=True) + "\n")
+                        metrics_file.flush()
+                    window_start, window_steps = time.perf_counter(), 0
+                if (step % cfg.ckpt_every == 0 or step == end
+                        or stop.signum is not None):
+                    if checkpointer.latest_step() != step:
+                        checkpointer.save(step, state, data_iter, force=True)
+                if stop.signum is not None:
+                    log.info("signal %d: saved step %d, exiting", stop.signum, step)
+                    break
+        checkpointer.wait()
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+        checkpointer.close()
+    return last
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+        stream=sys.stdout, force=True,
+    )
+    logging.getLogger("absl").setLevel(logging.WARNING)

@@ -1,0 +1,70 @@
+"""AdamW with warmup + cosine decay, global-norm clipping and a weight-decay mask.
+
+Hyperparameters follow the UMD paper (REFERENCE §6): peak LR = base_lr * batch / 256,
+linear warmup then cosine decay to ``min_lr``; no weight decay on biases, norm
+parameters, CLS tokens or mask tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+# Parameter names (last path element) that are never decayed whatever their rank.
+NO_DECAY_NAMES = ("cls_tokens", "mask_token")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    base_lr: float = 1.5e-4
+    batch_size: int = 256
+    total_steps: int = 1000
+    warmup_steps: int = 50
+    min_lr: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0  # <= 0 disables clipping
+
+    @property
+    def peak_lr(self) -> float:
+        return self.base_lr * self.batch_size / 256.0
+
+
+def decay_mask(params) -> object:
+    """True for parameters that get weight decay: rank >= 2 and not a token."""
+
+    def keep(path, leaf) -> bool:
+        name = getattr(path[-1], "key", getattr(path[-1], "name", str(path[-1])))
+        return leaf.ndim >= 2 and not any(n in str(name) for n in NO_DECAY_NAMES)
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, cfg.total_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.peak_lr,
+        warmup_steps=warmup,
+        decay_steps=max(cfg.total_steps, warmup + 1),
+        end_value=cfg.min_lr,
+    )
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    parts = []
+    if cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    parts.append(
+        optax.adamw(
+            learning_rate=lr_schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts)

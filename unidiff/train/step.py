@@ -1,0 +1,173 @@
+"""The sharded train step: ``jax.jit`` of a ``jax.shard_map`` over a 1-D ``data`` axis.
+
+Parameters are replicated, the batch is sharded, gradients are averaged across the
+axis, and the optimizer update runs on the replicated gradients. Every example draws
+its randomness (t, noise, masking, label dropout) from its own key, split from the
+step key, so a global batch gives the same loss on 1 or 8 devices: before sharding, the
+batch is permuted so each device holds an equal share of the clean rows and of the
+noisy rows (the canonical order is: the first ``n_clean`` rows are clean).
+
+Shape glossary: B global batch, D devices, H/W/C image, L tokens, P patch values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from unidiff import corruption as uc
+from unidiff.train.state import TrainState
+
+DATA_AXIS = "data"
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    patch_size: int
+    num_classes: int  # 0 = unconditional; otherwise index num_classes is the null label
+    ema_decay: float = 0.0  # 0 disables EMA
+    compute_dtype: str = "float32"
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    devices = jax.devices()
+    if num_devices is not None:
+        if num_devices > len(devices):
+            raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices exist")
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def device_layout(batch_size: int, n_clean: int, num_devices: int) -> np.ndarray:
+    """Row permutation giving every device n_clean/D clean rows then its noisy rows."""
+    b, c = batch_size // num_devices, n_clean // num_devices
+    n = b - c
+    perm = [
+        np.concatenate([d * c + np.arange(c), n_clean + d * n + np.arange(n)])
+        for d in range(num_devices)
+    ]
+    return np.concatenate(perm).astype(np.int32)
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def make_train_step(
+    model: Any,
+    recipe: uc.Recipe,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    batch_size: int,
+    cfg: StepConfig,
+    lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Build ``train_step(state, batch) -> (state, metrics)``, jitted, donating the state.
+
+    ``batch`` holds ``image`` (B, H, W, C) float32 in [-1, 1] and ``label`` (B,) int32,
+    sharded along ``data`` (see :func:`shard_batch`).
+    """
+    num_devices = mesh.shape[DATA_AXIS]
+    n_clean, _ = uc.split_batch(batch_size, recipe.r_t0, num_devices)
+    n_clean_local = n_clean // num_devices
+    perm = device_layout(batch_size, n_clean, num_devices)
+    identity = bool(np.all(perm == np.arange(batch_size)))
+    schedule = uc.make_schedule(recipe.schedule, recipe.num_steps)
+    dtype = COMPUTE_DTYPES[cfg.compute_dtype]
+    conditional = cfg.num_classes > 0
+    null = cfg.num_classes
+
+    def local_loss(params, images, labels, keys):
+        x0 = uc.patchify(images, cfg.patch_size)  # (b, L, P) float32
+        if conditional:
+            # Label dropout to the null class (classifier-free guidance); the clean
+            # branch always sees the null label.
+            drop_u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0x1AB)))(keys)
+            rows = jnp.arange(labels.shape[0])
+            drop = (drop_u < recipe.label_dropout) | (rows < n_clean_local)
+            labels = jnp.where(drop, null, labels)
+        else:
+            labels = None
+        branches = uc.mix(recipe, schedule, keys, x0, labels, num_clean=n_clean_local)
+        params_c = _cast(params, dtype)
+        preds = []
+        for b in branches:
+            pred = model.apply(params_c, b.x_t.astype(dtype), b.t, b.labels, b.masking)
+            preds.append(_cast(pred, jnp.float32))
+        return uc.umd_loss(recipe, schedule, branches, tuple(preds))
+
+    def local_grads(params, images, labels, keys):
+        (_, metrics), grads = jax.value_and_grad(local_loss, has_aux=True)(
+            params, images, labels, keys
+        )
+        # Each device has the same clean/noisy split and the same masked-token counts,
+        # so the mean of per-device masked means is the global masked mean.
+        grads = jax.lax.pmean(grads, DATA_AXIS)
+        metrics = jax.lax.pmean(metrics, DATA_AXIS)
+        return grads, metrics
+
+    sharded_grads = jax.shard_map(
+        local_grads,
+        mesh=mesh,
+        in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
+        out_specs=(P(), P()),
+    )
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        keys = jax.random.split(key, batch_size)
+        images, labels = batch["image"], batch["label"].astype(jnp.int32)
+        if not identity:
+            images, labels, keys = (jnp.take(a, perm, axis=0) for a in (images, labels, keys))
+        grads, metrics = sharded_grads(state.params, images, labels, keys)
+
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            d = cfg.ema_decay
+            ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+        def pick(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_state = TrainState(
+            step=state.step + 1,
+            params=pick(params, state.params),
+            opt_state=pick(opt_state, state.opt_state),
+            ema_params=None if ema is None else pick(ema, state.ema_params),
+            rng=state.rng,
+            nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        metrics = dict(metrics, grad_norm=grad_norm, finite=finite)
+        if lr_fn is not None:
+            metrics["lr"] = lr_fn(state.step)
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def shard_batch(batch: dict, mesh: Mesh, global_batch_size: int) -> dict:
+    """Turn this process's numpy batch into global arrays sharded along ``data``."""
+    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    out = {}
+    for name in ("image", "label"):
+        local = np.asarray(batch[name])
+        out[name] = jax.make_array_from_process_local_data(
+            sharding, local, (global_batch_size,) + local.shape[1:]
+        )
+    return out
+
+
+def replicate(tree, mesh: Mesh):
+    return jax.device_put(tree, NamedSharding(mesh, P()))
