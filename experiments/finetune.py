@@ -78,9 +78,11 @@ def main(argv):
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
 
+    import jax
+
     def init_params(model, key):
         pretrained, step = ckpt_lib.restore_params(FLAGS.init_from, use_ema=True)
-        merged, new = merge_pretrained(model.init(key), pretrained)
+        merged, new = merge_pretrained(jax.jit(model.init)(key), pretrained)
         log.info("initialised from %s step %d; new parameters: %s",
                  FLAGS.init_from, step, ", ".join(new) or "none")
         return merged

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,11 +18,23 @@ TINY = [
 ]
 
 
+# Test binaries compile the same tiny programs again and again: share JAX's persistent
+# compilation cache between them (results are bitwise the same with or without it).
+SUBPROCESS_ENV = {
+    "JAX_PLATFORMS": "cpu",
+    "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "unidiff-test-jax-cache"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+}
+
+
 def run_binary(name: str, args: list[str], env: dict | None = None, timeout: float = 300,
                check: bool = True) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
-    full_env.setdefault("JAX_PLATFORMS", "cpu")
-    full_env.update(env or {})
+    full_env.update(SUBPROCESS_ENV)
+    env = dict(env or {})
+    if "XLA_FLAGS" in env:  # add to the session's flags rather than replacing them
+        env["XLA_FLAGS"] = (full_env.get("XLA_FLAGS", "") + " " + env["XLA_FLAGS"]).strip()
+    full_env.update(env)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / name), *args],
         capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT,

@@ -114,6 +114,7 @@ def test_gradients_cover_exactly_the_right_tokens(seed, name):
     preds = random_preds(branches, seed)
     names = recipe.branch_names(uc.split_batch(B, recipe.r_t0)[0], B)
     grads = jax.device_get(jit_loss_grad(recipe, SCHEDULES["cosine"], branches, preds))
+    chex.assert_trees_all_equal_shapes_and_dtypes(grads, preds)
     n0 = B // 2 if "clean" in names else 0
     for name_, b, p, g in zip(names, branches, preds, grads):
         hidden = np.asarray(b.masking.mask, bool)[..., None]
@@ -247,7 +248,8 @@ def test_loss_compiles_once():
 @given(shape=st.sampled_from([(2, 3), (2, 4, 12)]), seed=st.integers(0, 2**31 - 1))
 def test_normalize_patches_matches_numpy(shape, seed):
     x = np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(uc.normalize_patches(jnp.asarray(x))), np_norm_pix(x), rtol=1e-4, atol=1e-5)
+    got = np.asarray(uc.normalize_patches(jnp.asarray(x)))
+    np.testing.assert_allclose(got, np_norm_pix(x), rtol=1e-4, atol=1e-5)
 
 
 def test_loss_errors():
@@ -260,7 +262,10 @@ def test_loss_errors():
     with pytest.raises(ValueError, match="clean branch needs an x0"):
         uc.umd_loss(recipe, sched, (clean, noisy), (uc.Prediction(None, p_clean.eps), p_noisy))
     with pytest.raises(ValueError, match="norm_pix_loss"):
-        uc.umd_loss(recipe.replace(norm_pix_loss=True), sched, (clean, noisy), (p_clean, uc.Prediction(None, p_noisy.eps)))
+        uc.umd_loss(
+            recipe.replace(norm_pix_loss=True), sched, (clean, noisy),
+            (p_clean, uc.Prediction(None, p_noisy.eps)),
+        )
     with pytest.raises(ValueError, match="shape"):
         uc.umd_loss(recipe, sched, (clean, noisy), (p_clean, uc.Prediction(p_noisy.x0[:, :2], p_noisy.eps)))
     with pytest.raises(ValueError, match="neither"):

@@ -131,8 +131,8 @@ def test_masking_from_noise_is_random_masking(seed, ratio):
 
 
 def test_same_key_same_mask():
-    a = _masking(jax.random.key(3), 2, 16, 0.5)
-    b = _masking(jax.random.key(3), 2, 16, 0.5)
+    a = _masking(jax.random.key(3), 3, 16, 0.75)
+    b = _masking(jax.random.key(3), 3, 16, 0.75)
     chex.assert_trees_all_equal(a, b)
 
 

@@ -18,8 +18,10 @@ from unidiff.corruption import recipes
 
 def test_presets_hold_the_papers_values():
     r = recipes.umd()
-    assert (r.name, r.r_t0, r.m_t0, r.m_t, r.schedule, r.num_steps) == ("umd", 0.5, 0.75, 0.375, "cosine", 1000)
-    assert (r.noisy_loss, r.clean_loss, r.norm_pix_loss, r.mdt_two_pass) == ("eps_x0", "x0_hidden", False, False)
+    assert (r.name, r.r_t0, r.m_t0, r.m_t) == ("umd", 0.5, 0.75, 0.375)
+    assert (r.schedule, r.num_steps) == ("cosine", 1000)
+    assert (r.noisy_loss, r.clean_loss) == ("eps_x0", "x0_hidden")
+    assert (r.norm_pix_loss, r.mdt_two_pass, r.label_dropout) == (False, False, 0.0)
     r = recipes.umd_finetune()
     assert (r.r_t0, r.m_t0, r.m_t, r.label_dropout) == (0.05, 0.75, 0.0, 0.1)
     r = recipes.mae()

@@ -74,7 +74,9 @@ def test_alpha_bar_clean_step_and_monotone(kind, T):
 
 
 @pytest.mark.parametrize(
-    "kind,T,match", [("sigmoid", 10, "sigmoid"), ("cosine", 0, "num_steps"), ("linear", -3, "num_steps"), ("cosine", 2.5, "num_steps")]
+    "kind,T,match",
+    [("sigmoid", 10, "sigmoid"), ("cosine", 0, "num_steps"), ("linear", -3, "num_steps"),
+     ("cosine", 2.5, "num_steps")],
 )
 def test_make_schedule_rejects(kind, T, match):
     with pytest.raises(ValueError, match=match):

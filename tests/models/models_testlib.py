@@ -17,7 +17,6 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import unidiff.models as um
@@ -44,9 +43,17 @@ def tiny_configs() -> dict[str, um.ModelConfig]:
 
 
 def random_like(shapes, seed: int = 0, scale: float = 0.3):
-    """A pytree of N(0, scale^2) float32 arrays with the shapes of ``shapes``."""
+    """A pytree of N(0, scale^2) arrays with the shapes and dtypes of ``shapes``.
+
+    Plain numpy arrays: jitted functions take them as they are, whereas jnp.asarray
+    and device-side casts would each compile a tiny program per shape."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype), shapes)
+    return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+
+def host_cast(tree, dtype):
+    """Cast every leaf on the host (ml_dtypes gives numpy bfloat16)."""
+    return jax.tree.map(lambda a: np.asarray(a).astype(dtype), tree)
 
 
 def random_params(model: um.Model, seed: int = 0, scale: float = 0.3):
@@ -55,9 +62,9 @@ def random_params(model: um.Model, seed: int = 0, scale: float = 0.3):
 
 def inputs(cfg: um.ModelConfig, batch: int = 3, seed: int = 1):
     rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.standard_normal((batch, cfg.num_tokens, cfg.patch_dim)), jnp.float32)
-    t = jnp.asarray(rng.integers(0, 1001, batch), jnp.int32)
-    labels = jnp.asarray(rng.integers(0, NUM_CLASSES + 1, batch), jnp.int32) if cfg.num_classes else None
+    x = rng.standard_normal((batch, cfg.num_tokens, cfg.patch_dim)).astype(np.float32)
+    t = rng.integers(0, 1001, batch).astype(np.int32)
+    labels = rng.integers(0, NUM_CLASSES + 1, batch).astype(np.int32) if cfg.num_classes else None
     return x, t, labels
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -25,8 +24,8 @@ def _block(adaln, affine):
 
 def _inputs(seed=0):
     rng = np.random.default_rng(seed)
-    return (jnp.asarray(rng.standard_normal((B, N, W)), jnp.float32),
-            jnp.asarray(rng.standard_normal((B, W)), jnp.float32))
+    return (rng.standard_normal((B, N, W)).astype(np.float32),
+            rng.standard_normal((B, W)).astype(np.float32))
 
 
 def _np(params):
@@ -78,14 +77,14 @@ def test_vit_block_matches_numpy():
 def test_adaln_block_is_identity_at_init():
     f = _block(True, True)
     x, cond = _inputs(5)
-    params = jit(f.init)(jax.random.key(0), x, cond)
+    params = jax.device_get(jit(f.init)(jax.random.key(0), x, cond))
     assert not np.any(params["blk/adaln"]["w"]) and not np.any(params["blk/adaln"]["b"])
     # Everything else is live, so only the zero gates can make it the identity ...
     assert np.any(params["blk/attn/qkv"]["w"]) and np.any(params["blk/mlp/fc2"]["w"])
     apply = jit(f.apply)
     np.testing.assert_array_equal(apply(params, x, cond), x)
     # ... and opening the gates breaks it (so the check above can fail).
-    params = dict(params, **{"blk/adaln": {"w": jnp.full((W, 6 * W), 0.1), "b": params["blk/adaln"]["b"]}})
+    params = dict(params, **{"blk/adaln": {"w": np.full((W, 6 * W), 0.1, np.float32), "b": params["blk/adaln"]["b"]}})
     assert not np.allclose(apply(params, x, cond), x)
 
 

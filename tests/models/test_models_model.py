@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import unidiff.models as um
-from models_testlib import IMAGE, NUM_CLASSES, assert_close, inputs, jit, random_like, random_params, tiny_configs
+from models_testlib import IMAGE, NUM_CLASSES, assert_close, host_cast, inputs, jit, random_params, tiny_configs
 from unidiff.corruption.masking import Masking, num_kept, random_masking
 from unidiff.corruption.patches import patchify
 
@@ -28,8 +28,11 @@ def built(name):
     return model, random_params(model, seed=11), jit(model.apply)
 
 
+_random_masking = jit(random_masking, static_argnums=(1, 2, 3))
+
+
 def _masking(batch, ratio, seed=2):
-    return random_masking(jax.random.key(seed), batch, L, ratio)
+    return _random_masking(jax.random.key(seed), batch, L, ratio)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -75,7 +78,7 @@ def test_keep_all_masking_equals_unmasked_and_inputs_matter(name):
     model, params, apply = built(name)
     x, t, labels = inputs(cfg)
     keep_all = _masking(3, 0.0, seed=5)  # a random permutation with K = L
-    assert keep_all.ids_keep.shape == (3, L) and not np.array_equal(keep_all.ids_keep[0], np.arange(L))
+    assert keep_all.ids_keep.shape == (3, L) and not np.array_equal(np.asarray(keep_all.ids_keep)[0], np.arange(L))
     plain = apply(params, x, t, labels, None)
     permuted = apply(params, x, t, labels, keep_all)
     for a, b in zip(plain, permuted):
@@ -83,10 +86,10 @@ def test_keep_all_masking_equals_unmasked_and_inputs_matter(name):
             assert np.abs(np.asarray(a)).max() > 1e-3  # random params: a non-trivial output
             assert_close(a, b, rtol=1e-4, atol=1e-5)
     # The time step (and the label, when conditional) change the prediction.
-    other_t = apply(params, x, t + 7, labels, None)
+    other_t = apply(params, x, jnp.asarray(np.asarray(t) + 7), labels, None)
     assert not np.allclose(plain.eps, other_t.eps, atol=1e-4)
     if cfg.num_classes:
-        other_y = apply(params, x, t, (labels + 1) % (NUM_CLASSES + 1), None)
+        other_y = apply(params, x, t, jnp.asarray((np.asarray(labels) + 1) % (NUM_CLASSES + 1)), None)
         assert not np.allclose(plain.eps, other_y.eps, atol=1e-4)
 
 
@@ -97,14 +100,15 @@ def test_side_interpolater_masked_shortcut():
     sp = params["side_interpolater"]
     pos = np.asarray(sp["~"]["pos_embed"])
     rng = np.random.default_rng(0)
-    cond = jnp.asarray(rng.standard_normal((3, cfg.width)), jnp.float32)
+    cond = jnp.asarray(rng.standard_normal((3, cfg.width)).astype(np.float32))
 
-    full = jnp.asarray(rng.standard_normal((3, L, cfg.width)), jnp.float32)
+    full_np = rng.standard_normal((3, L, cfg.width)).astype(np.float32)
+    full = jnp.asarray(full_np)
     # No mask: exactly "add the position embedding".
     assert_close(si(sp, full, cond, None), np.asarray(full) + pos, 0, 1e-6)
 
     masking = _masking(3, 0.5)
-    visible = jnp.take_along_axis(full, masking.ids_keep[:, :, None], axis=1)
+    visible = jnp.asarray(np.take_along_axis(full_np, np.asarray(masking.ids_keep)[:, :, None], axis=1))
     out = np.asarray(si(sp, visible, cond, masking))
     hidden = np.asarray(masking.mask, bool)
     expected_visible = np.asarray(full) + pos
@@ -115,7 +119,7 @@ def test_side_interpolater_masked_shortcut():
 
     # A mask that hides nothing makes the masked path equal the unmasked one.
     keep_all = _masking(3, 0.0, seed=9)
-    shuffled = jnp.take_along_axis(full, keep_all.ids_keep[:, :, None], axis=1)
+    shuffled = jnp.asarray(np.take_along_axis(full_np, np.asarray(keep_all.ids_keep)[:, :, None], axis=1))
     assert_close(si(sp, shuffled, cond, keep_all), np.asarray(full) + pos, 0, 1e-6)
 
 
@@ -182,9 +186,9 @@ def test_every_transform_traces_once_per_shape():
 
 
 def test_init_blocks_are_identity_and_params_layout():
-    cfg = CONFIGS["umd_si"].replace(depth=2)
+    cfg = CONFIGS["umd_si"]
     model = um.Model(cfg)
-    params = jit(model.init)(jax.random.key(0))
+    params = jax.device_get(jit(model.init)(jax.random.key(0)))
     assert set(params) == {"encoder", "side_interpolater", "decoder"}
     enc = params["encoder"]
     assert enc["~"]["cls_tokens"].shape == (cfg.num_cls_tokens, cfg.width)
@@ -225,7 +229,7 @@ def test_frozen_position_embeddings_are_not_params():
 
 
 def test_representation():
-    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (3, IMAGE, IMAGE, 3)), jnp.float32)
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (3, IMAGE, IMAGE, 3)).astype(np.float32))
     # One CLS token, affine-free final norm: the representation is a LayerNorm output.
     cfg = CONFIGS["umd"].replace(num_cls_tokens=1, norm_affine=False)
     model = um.Model(cfg)
@@ -239,7 +243,7 @@ def test_representation():
     model0 = um.Model(cfg0)
     params0 = random_params(model0, seed=5)
     rep0, enc0 = jit(lambda p, im: (model0.represent(p, im, t=3),
-                                    model0.encode(p, patchify(im, 2), jnp.full((3,), 3))))(params0, images)
+                                    model0.encode(p, patchify(im, 2), jnp.full((3,), 3, jnp.int32))))(params0, images)
     assert_close(rep0, np.asarray(enc0.tokens).mean(1), 1e-5, 1e-6)
 
 
@@ -254,8 +258,7 @@ def test_bfloat16_params_and_inputs():
     x, t, labels = inputs(cfg)
     masking = _masking(3, 0.0, seed=5)
     ref = apply(params, x, t, labels, masking)
-    bf = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    out = apply(bf, x.astype(jnp.bfloat16), t, labels, masking)
+    out = apply(host_cast(params, jnp.bfloat16), host_cast(x, jnp.bfloat16), t, labels, masking)
     for a, b in zip(ref, out):
         if a is None:
             continue

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from tests.e2e_helpers import ROOT, losses_by_step, run_binary
+from tests.e2e_helpers import ROOT, SUBPROCESS_ENV, losses_by_step, run_binary
 
 
 def _free_port() -> int:
@@ -23,8 +23,10 @@ def test_two_processes_match_single_process(tmp_path, tiny_args):
     run_binary("pretrain.py", common + [f"--workdir={tmp_path / 'single'}"])
 
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, **SUBPROCESS_ENV)
+    # One CPU device per process, whatever the session's flags say.
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "device_count" not in f)
     procs = [
         subprocess.Popen(
             [sys.executable, str(ROOT / "experiments" / "pretrain.py"), *common,

@@ -8,13 +8,24 @@ import subprocess
 import sys
 import time
 
-from tests.e2e_helpers import ROOT, losses_by_step, read_metrics, run_binary
+import pytest
+
+from tests.e2e_helpers import ROOT, SUBPROCESS_ENV, TINY, losses_by_step, read_metrics, run_binary
+
+COMMON = TINY + ["--train_steps=40", "--ckpt_every=5"]
 
 
-def test_resume_in_new_process_is_bitwise_exact(tmp_path, tiny_args):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    common = tiny_args + ["--train_steps=40", "--ckpt_every=10"]
-    run_binary("pretrain.py", common + [f"--workdir={straight}"])
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """40 uninterrupted steps: the trajectory every interrupted run must reproduce."""
+    workdir = tmp_path_factory.mktemp("straight")
+    run_binary("pretrain.py", COMMON + [f"--workdir={workdir}"])
+    return workdir
+
+
+def test_resume_in_new_process_is_bitwise_exact(tmp_path, straight):
+    split = tmp_path / "split"
+    common = COMMON
     run_binary("pretrain.py", common + [f"--workdir={split}", "--stop_after=20"])
     assert max(losses_by_step(split)) == 20
     run_binary("pretrain.py", common + [f"--workdir={split}"])
@@ -27,12 +38,11 @@ def test_resume_in_new_process_is_bitwise_exact(tmp_path, tiny_args):
     assert len({a[s] for s in range(21, 41)}) > 1
 
 
-def test_resume_after_kill_9_is_bitwise_exact(tmp_path, tiny_args):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    common = tiny_args + ["--train_steps=40", "--ckpt_every=5"]
-    run_binary("pretrain.py", common + [f"--workdir={straight}"])
+def test_resume_after_kill_9_is_bitwise_exact(tmp_path, straight):
+    killed = tmp_path / "killed"
+    common = COMMON
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, **SUBPROCESS_ENV)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "experiments" / "pretrain.py"), *common,
          f"--workdir={killed}"],
@@ -61,7 +71,7 @@ def test_resume_after_kill_9_is_bitwise_exact(tmp_path, tiny_args):
 
 def test_sigterm_saves_and_exits_zero(tmp_path, tiny_args):
     workdir = tmp_path / "term"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, **SUBPROCESS_ENV)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "experiments" / "pretrain.py"), *tiny_args,
          "--train_steps=100000", "--ckpt_every=100000", f"--workdir={workdir}"],

@@ -37,6 +37,7 @@ from unidiff.corruption.masking import Masking, num_kept
 from unidiff.corruption.recipes import Recipe
 from unidiff.corruption.schedule import Schedule, q_sample
 
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -139,16 +139,10 @@ class Recipe:
 
         def count(field: str) -> int:
             ratio = getattr(self, field)
-            if ratio == 0:
-                return int(num_tokens)
-            k = int(num_tokens * (1.0 - ratio))
-            if k < 1:
-                raise ValueError(
-                    f"{field}={ratio} keeps 0 of {num_tokens} tokens; lower {field} or use "
-                    "more tokens"
-                )
-            assert k == num_kept(num_tokens, ratio)
-            return k
+            try:
+                return num_kept(int(num_tokens), ratio)
+            except ValueError as err:  # re-raise naming the recipe field
+                raise ValueError(f"{field}={ratio} does not fit {num_tokens} tokens: {err}") from None
 
         return (
             count("m_t0") if self.has_clean else None,

@@ -54,11 +54,17 @@ class Model:
         self.encoder = make_encoder(config)
         self.side_interpolater = make_side_interpolater(config) if config.side_interpolater else None
         self.decoder = make_decoder(config)
+        # Jitted once here: run eagerly, Haiku's initialisers would compile one small
+        # program per random draw, which is far slower than one compile.
+        self._init = jax.jit(self._init_params)
 
     # ------------------------------------------------------------------------------
     def init(self, key: PRNGKeyArray) -> Params:
         """Fresh float32 parameters for every piece (traces each piece once on a
         batch of one, with a keep-everything masking so every parameter is created)."""
+        return self._init(key)
+
+    def _init_params(self, key: PRNGKeyArray) -> Params:
         cfg = self.config
         k_enc, k_si, k_dec = jax.random.split(key, 3)
         length, w = cfg.num_tokens, cfg.width

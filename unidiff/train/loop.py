@@ -88,8 +88,9 @@ def model_config_for(cfg: TrainConfig, image_size: int, channels: int, num_class
         overrides["num_cls_tokens"] = cfg.num_cls_tokens
     try:
         if arch == "dit":
+            # DiT's blocks and embeddings with UMD's x0 + eps heads, which the losses need.
             return um.dit_config(variant, image_size, channels, num_classes=num_classes,
-                                 learn_sigma=False)
+                                 output="x0_eps")
         return ARCH_BUILDERS[arch](variant, image_size, channels, num_classes=num_classes,
                                    **overrides)
     except ValueError as e:
@@ -99,6 +100,7 @@ def model_config_for(cfg: TrainConfig, image_size: int, channels: int, num_class
 def prepare(cfg: TrainConfig) -> Run:
     """Validate everything that can be checked without compiling; raise ConfigError."""
     cfg.validate()
+    cfg.check_resume_compatible(os.path.join(cfg.workdir, "config.json"))
     try:
         info = ud.validate_data(cfg.dataset, cfg.data_dir, "train")
     except ValueError as e:
@@ -190,7 +192,7 @@ def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) 
     cfg = run.cfg
     os.makedirs(cfg.workdir, exist_ok=True)
     config_path = os.path.join(cfg.workdir, "config.json")
-    cfg.check_resume_compatible(config_path)
+    cfg.check_resume_compatible(config_path)  # again: the workdir may have changed since prepare
     if jax.process_index() == 0:
         ckpt_lib.write_json_atomic(config_path, cfg.to_json())
     metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
@@ -223,13 +225,17 @@ def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) 
     init_key, state_key = jax.random.split(root)
 
     def fresh_state() -> TrainState:
-        params = init_params(model, init_key) if init_params else model.init(init_key)
-        return init_state(params, optimizer, state_key, use_ema=cfg.ema_decay > 0)
+        # Jitted: Haiku's init run op by op is many times slower than compiling it.
+        params = init_params(model, init_key) if init_params else jax.jit(model.init)(init_key)
+        return jax.jit(init_state, static_argnums=(1, 3))(
+            params, optimizer, state_key, cfg.ema_decay > 0)
 
     checkpointer = ckpt_lib.Checkpointer(cfg.workdir, max_to_keep=cfg.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is not None:
-        abstract = jax.eval_shape(fresh_state)
+        # The pretrained init (finetuning) has the same structure as a fresh one.
+        abstract = jax.eval_shape(
+            lambda: init_state(model.init(init_key), optimizer, state_key, cfg.ema_decay > 0))
         state = checkpointer.restore(abstract, data_iter, start)
         if jax.process_index() == 0:
             _truncate_metrics(metrics_path, start)

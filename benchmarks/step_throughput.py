@@ -1,0 +1,330 @@
+"""Throughput of the real training step for every recipe: step time, images/s, FLOPs, MFU.
+
+For each recipe this builds exactly what ``experiments/pretrain.py`` trains (the same
+architecture mapping, ``unidiff.train.loop.model_config_for``; the same optimizer; the
+jitted, sharded ``unidiff.train.step.make_train_step``), compiles it ahead of time on a
+synthetic batch, and measures:
+
+  * compile time (lower + compile of the train step);
+  * steady-state step time: the median over ``--steps`` steps after ``--warmup_steps``
+    warm-up steps, each step timed on its own and blocked on (new state, metrics);
+  * images/s = batch / step time; FLOPs per step from the analytic model
+    (``unidiff.flops``: forward + backward = 3 x forward, real token counts per
+    branch); achieved FLOP/s = FLOPs / step time;
+  * MFU = achieved FLOP/s / peak, where the peak is a large square matmul in the
+    compute dtype measured in the same run (before and after the recipes; the larger
+    of the two medians is used) unless ``--peak_flops`` is given;
+  * peak memory from ``device.memory_stats()`` where the backend reports it (GPU/TPU;
+    the CPU backend reports nothing, so it is None there), plus XLA's own estimate of
+    the step's temporary buffers (``compiled.memory_analysis()``).
+
+The table also shows each recipe's step time relative to DiT's (measured in the same
+run) next to the FLOP model's prediction of that ratio.
+
+Presets (individual flags override them):
+  * ``cpu``: S/4 at 64x64, batch 8, float32, 10 steps: about 2-3 minutes for the five
+    recipes on 2 CPU cores. 64x64 keeps the paper's 256 tokens, so the recipes' token
+    ratios (and the FLOP model's predictions) are those of the paper's B/4 at 64x64.
+  * ``paper``: B/4 at 64x64, batch 256 per device, bfloat16 (a GPU or TPU).
+
+Example::
+
+    python benchmarks/step_throughput.py --preset=cpu --json=/tmp/cpu.json
+    python benchmarks/step_throughput.py --model=S/4 --image_size=64 --batch_size=32 --recipes=dit
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(recipes="dit,maskdit,mae,umd,mdt", model="S/4", image_size=64, batch_size=8,
+                steps=10, compute_dtype="float32", matmul_size=2048),
+    "paper": dict(recipes="dit,maskdit,mae,umd,mdt", model="B/4", image_size=64, batch_size=256,
+                  steps=20, compute_dtype="bfloat16", matmul_size=8192),
+}
+RECIPE_CHOICES = ("dit", "maskdit", "mae", "umd", "mdt", "umd_finetune", "usp")
+
+_PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Base configuration; other flags override it.")
+_RECIPES = flags.DEFINE_string("recipes", None, f"Comma list of recipes from {', '.join(RECIPE_CHOICES)}.")
+_MODEL = flags.DEFINE_string("model", None, "Model variant, e.g. S/4 or B/4.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Square image size in pixels.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size.")
+_STEPS = flags.DEFINE_integer("steps", None, "Timed steps per recipe (median reported; >= 10 for real numbers).")
+_WARMUP = flags.DEFINE_integer("warmup_steps", 2, "Untimed steps after compilation.")
+_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"], "Compute dtype of the step.")
+_PEAK = flags.DEFINE_float("peak_flops", None, "Device peak FLOP/s for MFU; default: measured with a matmul.")
+_MATMUL = flags.DEFINE_integer("matmul_size", None, "Side of the square matmul measuring the peak.")
+_ARCH = flags.DEFINE_enum("arch", "auto", ["auto", "umd", "umd_no_adaln", "mae", "mdt", "maskdit", "dit"],
+                          "Architecture as in training (--arch of pretrain.py); auto = the recipe's default. "
+                          "'dit' = exactly DiT (all blocks on all tokens, no CLS).")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 0, "Class-conditional with this many classes (0 = none).")
+_JSON = flags.DEFINE_string("json", None, "Write the records as a JSON list to this path.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and the synthetic batch.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    recipes: tuple[str, ...]
+    model: str
+    image_size: int
+    batch_size: int
+    steps: int
+    warmup_steps: int = 2
+    compute_dtype: str = "float32"
+    peak_flops: float | None = None
+    matmul_size: int = 2048
+    arch: str = "auto"
+    num_classes: int = 0
+    seed: int = 0
+    channels: int = 3
+
+    def validate(self) -> None:
+        def fail(flag: str, msg: str) -> None:
+            raise ValueError(f"--{flag}: {msg} (got {getattr(self, flag)!r})")
+
+        if not self.recipes:
+            fail("recipes", "need at least one recipe")
+        bad = [r for r in self.recipes if r not in RECIPE_CHOICES]
+        if bad:
+            fail("recipes", f"unknown recipe(s) {bad}; expected from {', '.join(RECIPE_CHOICES)}")
+        if len(set(self.recipes)) != len(self.recipes):
+            fail("recipes", "lists a recipe twice")
+        for f, lo in (("image_size", 1), ("batch_size", 1), ("steps", 1), ("warmup_steps", 0),
+                      ("matmul_size", 1), ("num_classes", 0)):
+            if getattr(self, f) < lo:
+                fail(f, f"must be >= {lo}")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            fail("peak_flops", "must be > 0")
+
+
+def options_from_flags() -> Options:
+    preset = PRESETS[_PRESET.value]
+    pick = lambda flag, key: preset[key] if flag.value is None else flag.value  # noqa: E731
+    recipes = tuple(r.strip() for r in pick(_RECIPES, "recipes").split(",") if r.strip())
+    return Options(
+        recipes=recipes, model=pick(_MODEL, "model"), image_size=pick(_IMAGE_SIZE, "image_size"),
+        batch_size=pick(_BATCH_SIZE, "batch_size"), steps=pick(_STEPS, "steps"),
+        warmup_steps=_WARMUP.value, compute_dtype=pick(_DTYPE, "compute_dtype"),
+        peak_flops=_PEAK.value, matmul_size=pick(_MATMUL, "matmul_size"), arch=_ARCH.value,
+        num_classes=_NUM_CLASSES.value, seed=_SEED.value,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+def measure_matmul_peak(size: int, dtype_name: str, reps: int = 7) -> float:
+    """FLOP/s of a (size x size) @ (size x size) matmul in the compute dtype (median)."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(ka, (size, size), dtype)
+    b = jax.random.normal(kb, (size, size), dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=dtype))
+    jax.block_until_ready(f(a, b))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a, b))
+        times.append(time.perf_counter() - t0)
+    return 2.0 * size**3 / statistics.median(times)
+
+
+def model_config(opts: Options, recipe_name: str):
+    """The architecture training would use for this recipe (pretrain.py's mapping)."""
+    from unidiff.train.config import TrainConfig
+    from unidiff.train.loop import model_config_for
+
+    cfg = TrainConfig(workdir="-", recipe=recipe_name, arch=opts.arch, model=opts.model, train_steps=1,
+                      batch_size=opts.batch_size, image_size=opts.image_size,
+                      compute_dtype=opts.compute_dtype, class_conditional=opts.num_classes > 0)
+    cfg.validate()
+    return cfg.resolved_arch(), model_config_for(cfg, opts.image_size, opts.channels, opts.num_classes)
+
+
+def _peak_memory(device) -> int | None:
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        return None
+    if not stats:
+        return None
+    return stats.get("peak_bytes_in_use")
+
+
+def bench_recipe(opts: Options, recipe_name: str) -> dict[str, Any]:
+    """Compile and time the real train step of one recipe; one JSON record."""
+    import jax
+    import numpy as np
+
+    from unidiff import corruption as uc
+    from unidiff import flops as uflops
+    from unidiff import models as um
+    from unidiff.train.optim import OptimConfig, make_optimizer
+    from unidiff.train.state import init_state
+    from unidiff.train.step import StepConfig, make_mesh, make_train_step, replicate, shard_batch
+
+    arch, mcfg = model_config(opts, recipe_name)
+    recipe = uc.recipes.get(recipe_name)
+    recipe.validate_for(mcfg.num_tokens)
+    mesh = make_mesh()
+    num_devices = mesh.devices.size
+    if opts.batch_size % num_devices:
+        raise ValueError(f"--batch_size: {opts.batch_size} is not divisible by the {num_devices} devices")
+
+    model = um.Model(mcfg)
+    key = jax.random.key(opts.seed)
+    k_init, k_state = jax.random.split(key)
+    optim_cfg = OptimConfig(batch_size=opts.batch_size, total_steps=10_000, warmup_steps=10)
+    optimizer = make_optimizer(optim_cfg)
+    state = replicate(init_state(model.init(k_init), optimizer, k_state, use_ema=False), mesh)
+    step_cfg = StepConfig(patch_size=mcfg.patch_size, num_classes=opts.num_classes,
+                          compute_dtype=opts.compute_dtype)
+    train_step = make_train_step(model, recipe, optimizer, mesh, opts.batch_size, step_cfg)
+
+    rng = np.random.default_rng(opts.seed)
+    shape = (opts.batch_size, opts.image_size, opts.image_size, opts.channels)
+    batch = shard_batch(
+        {"image": rng.uniform(-1, 1, shape).astype(np.float32),
+         "label": rng.integers(0, max(opts.num_classes, 1), opts.batch_size).astype(np.int32)},
+        mesh, opts.batch_size,
+    )
+
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_time = time.perf_counter() - t0
+    temp_bytes = None
+    try:
+        mem = compiled.memory_analysis()
+        temp_bytes = None if mem is None else int(mem.temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        pass
+
+    for _ in range(opts.warmup_steps):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+    times = []
+    for _ in range(opts.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    loss = float(metrics["loss"])
+    step_time = statistics.median(times)
+
+    fl = uflops.train_step_flops(mcfg, recipe, opts.batch_size, num_devices)
+    return {
+        "recipe": recipe_name,
+        "model": opts.model,
+        "arch": arch,
+        "image_size": opts.image_size,
+        "batch_size": opts.batch_size,
+        "compute_dtype": opts.compute_dtype,
+        "num_devices": num_devices,
+        "compile_time_s": compile_time,
+        "step_time_s": step_time,
+        "step_times_s": times,
+        "images_per_s": opts.batch_size / step_time,
+        "flops_per_step": fl["total"],
+        "achieved_flops": fl["total"] / step_time,
+        "mfu": None,  # filled in once the peak is known
+        "loss": loss,
+        "branches": {k: {"rows": v["rows"], "encoder_tokens": v["encoder_tokens"],
+                         "decoder_tokens": v["decoder_tokens"]} for k, v in fl["branches"].items()},
+        "peak_memory_bytes": _peak_memory(jax.devices()[0]),
+        "xla_temp_bytes": temp_bytes,
+    }
+
+
+def dit_flops(opts: Options) -> int:
+    """FLOP-model cost of the DiT recipe at these settings (the ratio's denominator)."""
+    from unidiff import corruption as uc
+    from unidiff import flops as uflops
+
+    _, mcfg = model_config(opts, "dit")
+    return uflops.train_step_flops(mcfg, uc.recipes.dit(), opts.batch_size)["total"]
+
+
+def run_suite(opts: Options, log=print) -> list[dict[str, Any]]:
+    """Benchmark every recipe of ``opts``; returns the records (also logged as a table)."""
+    import jax
+
+    opts.validate()
+    device = jax.devices()[0]
+    log(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; "
+        f"model {opts.model}, {opts.image_size}x{opts.image_size}, batch {opts.batch_size}, "
+        f"{opts.compute_dtype}, {opts.steps} timed steps after {opts.warmup_steps} warm-up")
+    peaks = []
+    if opts.peak_flops is None:
+        peaks.append(measure_matmul_peak(opts.matmul_size, opts.compute_dtype))
+        log(f"matmul peak ({opts.matmul_size}^2, {opts.compute_dtype}): {peaks[0] / 1e9:.1f} GFLOP/s")
+    records = []
+    for name in opts.recipes:
+        rec = bench_recipe(opts, name)
+        log(f"  {name}: compile {rec['compile_time_s']:.1f} s, step {rec['step_time_s']:.3f} s, "
+            f"{rec['images_per_s']:.2f} img/s, loss {rec['loss']:.4f}")
+        records.append(rec)
+    if opts.peak_flops is None:
+        peaks.append(measure_matmul_peak(opts.matmul_size, opts.compute_dtype))
+        log(f"matmul peak again after the recipes: {peaks[1] / 1e9:.1f} GFLOP/s")
+        peak, source = max(peaks), "measured"
+    else:
+        peak, source = opts.peak_flops, "flag"
+
+    dit_time = next((r["step_time_s"] for r in records if r["recipe"] == "dit"), None)
+    dit_fl = dit_flops(opts)
+    for r in records:
+        r["mfu"] = r["achieved_flops"] / peak
+        r["peak_flops"] = peak
+        r["peak_flops_source"] = source
+        r["matmul_peaks_flops"] = peaks
+        r["device"] = f"{device.platform} {device.device_kind}"
+        r["step_time_rel_dit"] = None if dit_time is None else r["step_time_s"] / dit_time
+        r["flops_rel_dit"] = r["flops_per_step"] / dit_fl
+    log(format_table(records))
+    return records
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    head = ("recipe", "arch", "enc tokens", "compile s", "step s", "img/s", "GFLOP/step",
+            "GFLOP/s", "MFU", "time/DiT", "FLOPs/DiT", "peak mem")
+    rows = []
+    for r in records:
+        toks = "+".join(f"{v['rows']}x{v['encoder_tokens']}" for v in r["branches"].values())
+        rel = "n/a" if r["step_time_rel_dit"] is None else f"{r['step_time_rel_dit']:.3f}"
+        mem = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"
+        rows.append((r["recipe"], r["arch"], toks, f"{r['compile_time_s']:.1f}", f"{r['step_time_s']:.3f}",
+                     f"{r['images_per_s']:.2f}", f"{r['flops_per_step'] / 1e9:.1f}",
+                     f"{r['achieved_flops'] / 1e9:.1f}", f"{100 * r['mfu']:.1f}%", rel,
+                     f"{r['flops_rel_dit']:.3f}", mem))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), sep, *(line(row) for row in rows)])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        opts = options_from_flags()
+        opts.validate()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    records = run_suite(opts, log=lambda s: print(s, flush=True))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(records, f, indent=1)
+        print(f"wrote {len(records)} records to {_JSON.value}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,173 @@
+"""Few-shot linear probe of a workdir's encoder (REFERENCE §7).
+
+    python experiments/probe.py --workdir=workdirs/quickstart              # trained encoder
+    python experiments/probe.py --workdir=workdirs/quickstart --random_init  # baseline
+
+Features: ``model.represent`` (mean CLS output after the final norm, no mask, null
+label) of the dataset's eval-transformed images (centre crop + resize to the training
+size), at t = 0, or noised with ``q_sample`` to t = ``--noise_t`` and told that t
+(default: 50 for runs trained only on noisy steps, r_t0 = 0: DiT, MaskDiT, MDT; else 0,
+including UMD finetuning, r_t0 = 0.05). The closed-form ridge probe (whitening, bias feature, l2 1024)
+is fit on ``--shots`` examples per class of ``--train_split`` and scored top-1 on
+``--test_split``. ``--random_init`` probes a freshly initialised encoder of the same
+configuration (no checkpoint needed): the baseline a trained encoder must beat.
+
+Prints a readable line and then one line of JSON with the result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
+flags.DEFINE_integer("shots", 10, "Train examples per class for the probe (0 = all).")
+flags.DEFINE_integer("noise_t", -1, "Time index of the features: 0 = clean, > 0 noised to "
+                     "that step; -1 = auto (50 if the run's recipe has r_t0 = 0, else 0).")
+flags.DEFINE_bool("random_init", False, "Probe a randomly initialised encoder of the same "
+                  "config instead of the checkpoint (baseline).")
+flags.DEFINE_bool("use_ema", True, "Use the EMA parameters when the checkpoint has them.")
+flags.DEFINE_string("train_split", "train", "Split the few-shot examples are drawn from.")
+flags.DEFINE_string("test_split", "test", "Held-out split the accuracy is measured on.")
+flags.DEFINE_integer("max_test", 0, "Use at most this many test examples (0 = all).")
+flags.DEFINE_float("l2", 1024.0, "Ridge penalty.")
+flags.DEFINE_integer("seed", 0, "Seed of the shot selection, the noise and --random_init.")
+flags.DEFINE_integer("batch_size", 256, "Images per encoder call.")
+flags.DEFINE_string("data_dir", None, "Override the workdir's --data_dir.")
+FLAGS = flags.FLAGS
+
+
+class UsageError(ValueError):
+    """A bad flag; the message names it."""
+
+
+def source_labels(source):
+    """All labels of a source; cheap for sources that keep them in memory."""
+    import numpy as np
+
+    labels = getattr(source, "_labels", None)
+    if labels is not None and len(labels) == len(source):
+        return np.asarray(labels, np.int32)
+    return np.asarray([int(source[i]["label"]) for i in range(len(source))], np.int32)
+
+
+def load_examples(source, indices, image_size: int, latent: bool):
+    """Eval-transformed images (float32 [-1, 1]) and labels of ``indices``; unreadable
+    examples (a source returning None) are dropped."""
+    import numpy as np
+
+    from unidiff import data as ud
+
+    images, labels = [], []
+    for i in indices:
+        ex = source[int(i)]
+        if ex is None:
+            continue
+        img = np.asarray(ex["image"], np.float32) if latent else ud.eval_image(ex["image"], image_size)
+        images.append(img)
+        labels.append(int(ex["label"]))
+    return np.stack(images), np.asarray(labels, np.int32)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from unidiff import corruption as uc
+    from unidiff import data as ud
+    from unidiff.eval import probe as probe_lib
+    from unidiff.train import workdir as wd
+
+    try:
+        trained = wd.load_workdir(FLAGS.workdir, FLAGS.data_dir)
+        if FLAGS.shots < 0:
+            raise UsageError(f"--shots: must be >= 0 (0 = all), got {FLAGS.shots}")
+        if FLAGS.batch_size < 1:
+            raise UsageError(f"--batch_size: must be >= 1, got {FLAGS.batch_size}")
+        if FLAGS.max_test < 0:
+            raise UsageError(f"--max_test: must be >= 0, got {FLAGS.max_test}")
+        if FLAGS.l2 < 0:
+            raise UsageError(f"--l2: must be >= 0, got {FLAGS.l2}")
+        num_steps = trained.schedule.num_steps
+        noise_t = FLAGS.noise_t if FLAGS.noise_t >= 0 else (50 if trained.noisy_only else 0)
+        if FLAGS.noise_t < -1 or noise_t > num_steps:
+            raise UsageError(f"--noise_t: must be -1 (auto) or in [0, T = {num_steps}], "
+                             f"got {FLAGS.noise_t}")
+        if trained.dataset_classes < 2:
+            raise UsageError(f"--workdir {FLAGS.workdir}: dataset {trained.cfg.dataset} has "
+                             f"{trained.dataset_classes} classes; the probe needs labels")
+        try:
+            train_src = ud.build_source(trained.cfg.dataset, trained.data_dir, FLAGS.train_split)
+            test_src = ud.build_source(trained.cfg.dataset, trained.data_dir, FLAGS.test_split)
+        except ValueError as e:
+            raise UsageError(f"--train_split/--test_split: {e}") from None
+        train_labels = source_labels(train_src)
+        if FLAGS.shots:
+            try:
+                train_idx = probe_lib.select_shots(train_labels, FLAGS.shots, FLAGS.seed)
+            except ValueError as e:
+                raise UsageError(f"--shots {FLAGS.shots}: {e}") from None
+        else:
+            train_idx = np.arange(len(train_src))
+        test_n = len(test_src) if not FLAGS.max_test else min(FLAGS.max_test, len(test_src))
+        if test_n == 0:
+            raise UsageError(f"--test_split {FLAGS.test_split}: no examples")
+        if FLAGS.random_init:
+            params, step = trained.model.init(jax.random.key(FLAGS.seed)), 0
+        else:
+            params, step = wd.load_params(trained, FLAGS.use_ema)
+    except ValueError as e:
+        print(f"probe.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+    model, schedule = trained.model, trained.schedule
+    bsz = FLAGS.batch_size
+
+    @jax.jit
+    def features(prm, images, key):
+        t = jnp.full((images.shape[0],), noise_t, jnp.int32)
+        if noise_t > 0:
+            images = uc.q_sample(schedule, images, t, jax.random.normal(key, images.shape))
+        return model.represent(prm, images, t)
+
+    def featurize(images, salt: int):
+        out = []
+        for i, lo in enumerate(range(0, images.shape[0], bsz)):
+            chunk = images[lo:lo + bsz]
+            real = chunk.shape[0]
+            if real < bsz:  # pad to one compiled shape
+                chunk = np.concatenate([chunk, np.zeros((bsz - real,) + chunk.shape[1:], chunk.dtype)])
+            key = jax.random.fold_in(jax.random.key(FLAGS.seed + 1), salt * 1_000_003 + i)
+            out.append(np.asarray(features(params, jnp.asarray(chunk), key), np.float64)[:real])
+        return np.concatenate(out)
+
+    start = time.perf_counter()
+    tr_x, tr_y = load_examples(train_src, train_idx, trained.image_size, trained.latent)
+    te_x, te_y = load_examples(test_src, np.arange(test_n), trained.image_size, trained.latent)
+    tr_f, te_f = featurize(tr_x, 0), featurize(te_x, 1)
+    acc = probe_lib.few_shot_probe(tr_f, tr_y, te_f, te_y, l2=FLAGS.l2,
+                                   num_classes=trained.dataset_classes)
+    which = "random-init" if FLAGS.random_init else f"step {step}"
+    print(f"probe {FLAGS.workdir} ({which}{', EMA' if FLAGS.use_ema and not FLAGS.random_init and trained.cfg.ema_decay > 0 else ''}): "
+          f"top-1 {100 * acc:.2f}% on {len(te_y)} {FLAGS.test_split} images, "
+          f"{FLAGS.shots or 'all'}-shot ({len(tr_y)} train), features at t = {noise_t}, "
+          f"width {tr_f.shape[1]}, {time.perf_counter() - start:.1f}s")
+    print(json.dumps({
+        "workdir": FLAGS.workdir, "step": int(step), "random_init": bool(FLAGS.random_init),
+        "top1": acc, "shots": FLAGS.shots, "noise_t": noise_t, "num_train": int(len(tr_y)),
+        "num_test": int(len(te_y)), "dataset": trained.cfg.dataset,
+    }, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,113 @@
+"""experiments/fid.py: bad input (fast) and an end-to-end run with random Inception weights (slow:
+the network always runs at 299x299, about half a minute of compile and compute on 2 cores)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.e2e_helpers import ROOT, run_binary
+
+
+def _popen(args):
+    return subprocess.Popen([sys.executable, str(ROOT / "experiments" / "fid.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _samples(path, n=4, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    np.savez(path, images=images, labels=np.zeros(n, np.int32))
+    return images
+
+
+def test_fid_bad_input_names_the_flag_or_file(tmp_path):
+    samples = tmp_path / "s.npz"
+    _samples(samples)
+    no_images = tmp_path / "noimg.npz"
+    np.savez(no_images, labels=np.zeros(3))
+    bad_stats = tmp_path / "stats.npz"
+    np.savez(bad_stats, mu=np.zeros(2048))  # no sigma
+    text = tmp_path / "weights.npz"
+    text.write_text("not a zip")
+    missing = tmp_path / "nope.npz"
+    good = [f"--samples={samples}", f"--ref_stats={bad_stats}"]
+    cases = [
+        # (args, substrings the one-line message must contain)
+        ([*good[:1], f"--ref_stats={missing}", f"--inception_weights={missing}"],
+         ("--ref_stats", "not found")),
+        ([*good, f"--inception_weights={missing}"], ("--ref_stats", "sigma")),
+        ([f"--samples={no_images}", f"--ref_stats={bad_stats}", f"--inception_weights={missing}"],
+         ("--samples", "images")),
+        ([f"--samples={samples}", f"--inception_weights={missing}"], ("--ref_stats",)),
+        ([f"--samples={samples}", "--ref_dataset=digits", f"--inception_weights={missing}"],
+         ("--inception_weights", "not found", "convert_inception_weights")),
+        ([f"--samples={samples}", "--ref_dataset=digits", f"--inception_weights={text}"],
+         ("--inception_weights", str(text), "convert_inception_weights")),
+        ([f"--samples={samples}", "--ref_dataset=digits"], ("--inception_weights", "convert")),
+    ]
+    procs = [_popen(args) for args, _ in cases]
+    for (args, expect), proc in zip(cases, procs):
+        out, err = proc.communicate(timeout=300)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 2, (args, out, err)
+        assert len(lines) == 1 and lines[0].startswith("fid.py: error: "), (args, err)
+        for part in expect:
+            assert part in lines[0], (args, lines)
+
+
+@pytest.mark.slow
+def test_fid_end_to_end_with_random_weights(tmp_path):
+    from unidiff.eval import fid as fid_lib
+    from unidiff.eval import inception as inc
+
+    weights = tmp_path / "inception_random.npz"
+    inc.save_inception_params(weights, inc.random_params(seed=0))
+    samples = tmp_path / "s.npz"
+    _samples(samples, n=4, size=16)
+    ref = tmp_path / "ref.npz"
+    first = run_binary("fid.py", [
+        f"--samples={samples}", "--ref_dataset=digits", "--ref_split=test", "--max_ref=5",
+        f"--save_stats={ref}", f"--inception_weights={weights}", "--batch_size=3",
+        "--is_splits=2",
+    ], timeout=900)
+    r1 = json.loads(first.stdout.strip().splitlines()[-1])
+    assert r1["num_ref"] == 5 and r1["num_samples"] == 4
+    assert np.isfinite(r1["fid"]) and r1["fid"] >= 0
+    # IS of a 2-chunk split lies in [1, number of classes].
+    assert 1.0 - 1e-9 <= r1["inception_score"] <= inc.NUM_CLASSES
+    mu, sigma = fid_lib.load_stats(ref)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    np.testing.assert_allclose(sigma, sigma.T)
+
+    # Independent check: features in-process, numpy covariance, scipy's sqrtm.
+    import jax
+    import scipy.linalg
+
+    from unidiff import data as ud
+
+    src = ud.build_source("digits", None, "test")
+    refs = np.stack([np.clip(np.round((ud.eval_image(src[i]["image"], 16) + 1) * 127.5), 0, 255)
+                     .astype(np.uint8) for i in range(5)])
+    params = inc.load_inception_params(weights)
+    apply = jax.jit(inc.make_inception().apply)
+    with np.load(samples) as d:
+        f_s = np.asarray(apply(params, d["images"]).pool, np.float64)
+    f_r = np.asarray(apply(params, refs).pool, np.float64)
+    m1, m2 = f_s.mean(0), f_r.mean(0)
+    s1, s2 = np.cov(f_s, rowvar=False), np.cov(f_r, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = float(np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    assert r1["fid"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+
+    # Against the saved statistics the FID is the same number.
+    second = run_binary("fid.py", [f"--samples={samples}", f"--ref_stats={ref}",
+                                   f"--inception_weights={weights}", "--batch_size=3",
+                                   "--is_splits=2"], timeout=900)
+    r2 = json.loads(second.stdout.strip().splitlines()[-1])
+    assert r2["fid"] == pytest.approx(r1["fid"], rel=1e-6, abs=1e-6)
+    assert "FID" in second.stdout and "IS" in second.stdout

@@ -1,0 +1,104 @@
+"""experiments/sample.py end to end on tiny workdirs: outputs, determinism, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from tests.e2e_helpers import ROOT, read_metrics, run_binary
+
+
+def _npz(path):
+    with np.load(path) as d:
+        return {k: d[k] for k in d.files}
+
+
+def test_finetune_logs_and_keeps_the_pretrained_encoder(tiny_pretrained, tiny_finetuned):
+    cfg = json.loads((tiny_finetuned / "config.json").read_text())
+    pre = json.loads((tiny_pretrained / "config.json").read_text())
+    assert cfg["recipe"] == "umd_finetune" and cfg["class_conditional"] is True
+    assert (cfg["model"], cfg["image_size"]) == (pre["model"], pre["image_size"])
+    steps = [m["step"] for m in read_metrics(tiny_finetuned)]
+    assert steps == [1, 2, 3]
+    assert all(np.isfinite(m["loss"]) for m in read_metrics(tiny_finetuned))
+
+
+def test_sample_writes_grid_and_npz_with_guidance(tiny_finetuned, tmp_path):
+    out = tmp_path / "grid.png"
+    args = [f"--workdir={tiny_finetuned}", "--num_samples=5", "--labels=1,3", "--steps=3",
+            "--batch_size=4", "--guidance=2", "--guidance_schedule=power_cosine",
+            f"--out={out}"]
+    proc = run_binary("sample.py", args)
+    assert "EMA" in proc.stdout
+    d = _npz(tmp_path / "grid.npz")
+    assert d["images"].dtype == np.uint8 and d["images"].shape == (5, 8, 8, 3)
+    np.testing.assert_array_equal(d["labels"], [1, 3, 1, 3, 1])
+    # Different noise per sample: no two samples are identical.
+    flat = d["images"].reshape(5, -1)
+    assert len({row.tobytes() for row in flat}) == 5
+    # Grid: one column per listed label (2), ceil(5/2) = 3 rows of 8 px cells with 1 px
+    # borders, enlarged 8x by the default zoom (cells of at least 64 px).
+    png = np.asarray(Image.open(out))
+    assert png.shape[:2] == ((3 * 9 + 1) * 8, (2 * 9 + 1) * 8)
+    # The first cell of the grid is the first sample, zoomed.
+    cell = png[8:8 + 64:8, 8:8 + 64:8]
+    np.testing.assert_array_equal(cell, d["images"][0])
+
+    # Same seed and batch size -> the same samples.
+    again = tmp_path / "again.png"
+    run_binary("sample.py", [a if not a.startswith("--out") else f"--out={again}" for a in args])
+    np.testing.assert_array_equal(_npz(tmp_path / "again.npz")["images"], d["images"])
+
+
+def test_sample_unconditional_x0_head(tiny_pretrained, tmp_path):
+    run_binary("sample.py", [f"--workdir={tiny_pretrained}", "--num_samples=3", "--steps=2",
+                             "--eta=0", "--head=x0", f"--out={tmp_path / 'u.png'}"])
+    d = _npz(tmp_path / "u.npz")
+    assert d["images"].shape == (3, 8, 8, 3) and d["images"].dtype == np.uint8
+    np.testing.assert_array_equal(d["labels"], [-1, -1, -1])
+    assert (tmp_path / "u.png").exists()
+
+
+BAD = [
+    # (workdir, extra args, what the message must say: the flag or file, and why)
+    ("ft", ["--labels=10"], ("--labels", "outside the model's classes 0..9")),
+    ("ft", ["--labels=1,x"], "--labels"),
+    ("ft", ["--guidance=-0.5"], "--guidance"),
+    ("pre", ["--guidance=3"], ("--guidance", "class-conditional")),
+    ("pre", ["--labels=1"], "--labels"),
+    ("ft", ["--steps=0"], "--steps"),
+    ("ft", ["--out=grid.jpg"], "--out"),
+    ("ft", ["--num_samples=0"], "--num_samples"),
+    ("nockpt", [], ("--workdir", "no checkpoint")),
+    ("missing", [], "--workdir"),
+]
+
+
+def test_bad_input_exits_with_one_line_naming_the_flag(tiny_pretrained, tiny_finetuned, tmp_path):
+    nockpt = tmp_path / "nockpt"
+    nockpt.mkdir()
+    shutil.copy(tiny_finetuned / "config.json", nockpt / "config.json")
+    dirs = {"ft": tiny_finetuned, "pre": tiny_pretrained, "nockpt": nockpt,
+            "missing": tmp_path / "does_not_exist"}
+    # Started together: each fails before compiling anything.
+    procs = [
+        (case, subprocess.Popen(
+            [sys.executable, str(ROOT / "experiments" / "sample.py"), f"--workdir={dirs[case[0]]}",
+             f"--out={tmp_path / 'x.png'}", *case[1]],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"}))
+        for case in BAD
+    ]
+    for (which, extra, expect), proc in procs:
+        out, err = proc.communicate(timeout=300)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 2, (which, extra, out, err)
+        assert len(lines) == 1, (which, extra, err)
+        assert lines[0].startswith("sample.py: error: "), lines
+        for part in (expect if isinstance(expect, tuple) else (expect,)):
+            assert part in lines[0], (extra, lines)
+    assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,149 @@
+"""Rebuild a trained model from a training workdir, for the sample and probe binaries.
+
+A workdir written by ``experiments/pretrain.py`` or ``experiments/finetune.py`` holds
+``config.json`` (the ``TrainConfig``) and ``checkpoints/``. ``load_workdir`` turns the
+config back into the exact ``ModelConfig`` the run trained (same builder as
+``loop.prepare``: the dataset gives channels and, for class-conditional runs, the number
+of classes), and ``load_params`` restores the (EMA) parameters and checks that they fit
+that model. Every failure is a ``ConfigError`` naming the flag or file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from unidiff import corruption as uc
+from unidiff import data as ud
+from unidiff import models as um
+from unidiff.train import checkpoint as ckpt_lib
+from unidiff.train.config import ConfigError, TrainConfig
+from unidiff.train.loop import model_config_for
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """A workdir's model (without parameters) and the facts needed to use it."""
+
+    workdir: str
+    cfg: TrainConfig
+    model: um.Model
+    recipe: uc.Recipe
+    schedule: uc.Schedule
+    image_size: int
+    channels: int
+    num_classes: int  # classes the model is conditioned on; 0 = unconditional
+    dataset_classes: int  # classes of the dataset (for the probe), 0 = unlabeled
+    data_dir: str | None
+    latent: bool  # trained on latents: no pixel clipping, no uint8 images
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    @property
+    def noisy_only(self) -> bool:
+        """Trained only on noisy steps (r_t0 = 0: DiT, MaskDiT, MDT; the finetune recipe has 0.05)."""
+        return self.recipe.r_t0 == 0.0
+
+
+def read_config(workdir: str, flag: str = "workdir") -> TrainConfig:
+    """``workdir/config.json`` as a TrainConfig; ConfigError naming ``--flag`` or the file."""
+    if not workdir:
+        raise ConfigError(f"--{flag}: required (a pretrain.py / finetune.py workdir)")
+    if not os.path.isdir(workdir):
+        raise ConfigError(f"--{flag} {workdir}: not a directory")
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--{flag} {workdir}: no config.json there; is it a pretrain.py "
+                          "or finetune.py workdir?")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object of training flags")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        # Unknown keys may come from a newer version; everything the model needs is known.
+        return TrainConfig(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_workdir(workdir: str, data_dir: str | None = None, flag: str = "workdir") -> TrainedModel:
+    """The model a workdir trained, rebuilt from its config.json (no parameters loaded).
+
+    ``data_dir`` overrides the config's ``data_dir`` (the dataset is read for its channels
+    and classes, so it must be reachable from this machine).
+    """
+    cfg = read_config(workdir, flag)
+    data_dir = data_dir or cfg.data_dir
+    try:
+        info = ud.validate_data(cfg.dataset, data_dir, "train")
+    except ValueError as e:
+        raise ConfigError(
+            f"--{flag} {workdir}: cannot read its dataset ({cfg.dataset}) for the model's "
+            f"channels and classes: {e}; pass --data_dir"
+        ) from None
+    image_size = cfg.image_size or info.image_size
+    if not image_size:
+        raise ConfigError(f"{os.path.join(workdir, 'config.json')}: image_size is 0 and the "
+                          f"dataset {cfg.dataset} has no native size")
+    num_classes = info.num_classes if cfg.class_conditional else 0
+    model_config = model_config_for(cfg, image_size, info.channels, num_classes)
+    try:
+        overrides = {k: getattr(cfg, k) for k in ("r_t0", "m_t0", "m_t", "label_dropout")
+                     if getattr(cfg, k) is not None}
+        recipe = uc.recipes.get(cfg.recipe).replace(**overrides)
+    except ValueError as e:
+        raise ConfigError(f"{os.path.join(workdir, 'config.json')}: recipe: {e}") from None
+    return TrainedModel(
+        workdir=workdir, cfg=cfg, model=um.Model(model_config), recipe=recipe,
+        schedule=uc.make_schedule(recipe.schedule, recipe.num_steps),
+        image_size=image_size, channels=info.channels, num_classes=num_classes,
+        dataset_classes=info.num_classes, data_dir=data_dir,
+        latent=cfg.dataset == "latents",
+    )
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {jax.tree_util.keystr(p): tuple(np.shape(v))
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def load_params(trained: TrainedModel, use_ema: bool = True) -> tuple[Any, int]:
+    """(params, step) of the workdir's latest checkpoint, checked against the model.
+
+    ``use_ema``: the EMA parameters when the run kept them (``ema_decay`` > 0), else the
+    raw ones.
+    """
+    workdir = trained.workdir
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir) or not any(
+        name.isdigit() for name in os.listdir(ckpt_dir)
+    ):
+        raise ConfigError(f"--workdir {workdir}: no checkpoint under {ckpt_dir}; train it "
+                          "first (pretrain.py / finetune.py)")
+    try:
+        params, step = ckpt_lib.restore_params(workdir, use_ema=use_ema)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    expected = _shapes(jax.eval_shape(trained.model.init, jax.random.key(0)))
+    got = _shapes(params)
+    if expected != got:
+        missing = sorted(set(expected) - set(got))
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        raise ConfigError(
+            f"--workdir {workdir}: checkpoint step {step} does not fit the model of its "
+            f"config.json ({len(missing)} missing, {len(wrong)} mis-shaped parameters, e.g. "
+            f"{(missing + wrong)[:2]})"
+        )
+    params = jax.tree.map(lambda a: jax.numpy.asarray(a, jax.numpy.float32), params)
+    return params, step
