@@ -28,9 +28,12 @@ SUBPROCESS_ENV = {
 
 
 def run_binary(name: str, args: list[str], env: dict | None = None, timeout: float = 300,
-               check: bool = True) -> subprocess.CompletedProcess:
+               check: bool = True, fast_compile: bool = True) -> subprocess.CompletedProcess:
+    """Run ``experiments/<name>``; ``fast_compile=False`` drops the test-only XLA flags."""
     full_env = dict(os.environ)
     full_env.update(SUBPROCESS_ENV)
+    if not fast_compile:
+        full_env.pop("XLA_FLAGS", None)
     env = dict(env or {})
     if "XLA_FLAGS" in env:  # add to the session's flags rather than replacing them
         env["XLA_FLAGS"] = (full_env.get("XLA_FLAGS", "") + " " + env["XLA_FLAGS"]).strip()

@@ -1,0 +1,32 @@
+"""experiments/digits_sample_quality.py: real test digits score exactly the classifier's test
+accuracy; bad files are rejected."""
+
+import json
+
+import numpy as np
+
+from tests.e2e_helpers import run_binary
+from unidiff import data as ud
+
+
+def _result(proc):
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_real_digits_score_the_test_accuracy(tmp_path):
+    src = ud.build_source("digits", None, "test")
+    images = np.stack([src[i]["image"] for i in range(len(src))])
+    labels = np.asarray([src[i]["label"] for i in range(len(src))], np.int32)
+    np.savez(tmp_path / "real.npz", images=images, labels=labels)
+    r = _result(run_binary("digits_sample_quality.py", [f"--samples={tmp_path / 'real.npz'}"]))
+    # The "samples" are the test split with their true labels: the same number by definition.
+    assert r["sample_accuracy"] == r["real_test_accuracy"]
+    assert r["real_test_accuracy"] > 0.9  # logistic regression on 16x16 digits
+    assert r["num_samples"] == len(src) == 359
+    counts = np.bincount(labels, minlength=10)
+    weighted = sum(r["per_class"][str(c)] * counts[c] for c in range(10)) / counts.sum()
+    assert abs(weighted - r["sample_accuracy"]) < 1e-12
+
+    np.savez(tmp_path / "bad.npz", images=images[:, :8], labels=labels)
+    bad = run_binary("digits_sample_quality.py", [f"--samples={tmp_path / 'bad.npz'}"], check=False)
+    assert bad.returncode == 2 and "--samples" in bad.stderr and "(N, 16, 16, 1)" in bad.stderr
