@@ -98,15 +98,25 @@ def define_distributed_flags() -> None:
                         "unset = single process, or the cluster environment's default.")
     flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
     flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+    flags.DEFINE_bool("distributed_auto", False,
+                      "Call jax.distributed.initialize() with no arguments, letting JAX read "
+                      "the cluster environment (Cloud TPU, SLURM, Open MPI, ...).")
 
 
 def maybe_initialize_distributed(FLAGS) -> None:
     import jax
 
     if FLAGS.coordinator_address is None:
+        if FLAGS.distributed_auto:
+            jax.distributed.initialize()
+        elif FLAGS.num_processes is not None or FLAGS.process_id is not None:
+            raise ValueError("--num_processes/--process_id need --coordinator_address")
         return
     if FLAGS.num_processes is None or FLAGS.process_id is None:
         raise ValueError("--coordinator_address needs --num_processes and --process_id")
+    if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+        raise ValueError(f"--process_id {FLAGS.process_id} must be in [0, --num_processes "
+                         f"{FLAGS.num_processes})")
     if jax.config.jax_platforms in (None, "", "cpu"):
         # Cross-process collectives on CPU need gloo.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -1,0 +1,58 @@
+"""The throughput suite keeps working: its command line runs two recipes for 2 steps at
+a tiny size and writes well-formed records. Speed is never asserted here."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "step_throughput.py"
+KEYS = ("recipe", "model", "image_size", "batch_size", "compile_time_s", "step_time_s",
+        "images_per_s", "flops_per_step", "achieved_flops", "mfu")
+
+
+def _run(tmp_path, *args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_suite_runs_two_recipes_and_writes_records(tmp_path):
+    out = tmp_path / "records.json"
+    proc = _run(tmp_path, "--recipes=dit,umd", "--model=N/2", "--image_size=8", "--batch_size=8",
+                "--steps=2", "--warmup_steps=1", "--matmul_size=256", f"--json={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert [r["recipe"] for r in records] == ["dit", "umd"]
+    for r in records:
+        assert set(KEYS) <= set(r)
+        assert r["model"] == "N/2" and r["image_size"] == 8 and r["batch_size"] == 8
+        for key in ("compile_time_s", "step_time_s", "images_per_s", "flops_per_step",
+                    "achieved_flops", "mfu", "peak_flops"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, key
+        assert len(r["step_times_s"]) == 2
+        assert r["images_per_s"] == pytest.approx(8 / r["step_time_s"])
+        assert r["achieved_flops"] == pytest.approx(r["flops_per_step"] / r["step_time_s"])
+        assert r["mfu"] == pytest.approx(r["achieved_flops"] / r["peak_flops"])
+        assert math.isfinite(r["loss"])
+    dit, umd = records
+    # UMD masks tokens: the FLOP model must see a cheaper step than DiT's.
+    assert umd["flops_per_step"] < dit["flops_per_step"]
+    assert dit["flops_rel_dit"] == 1.0 and dit["step_time_rel_dit"] == 1.0
+    assert umd["flops_rel_dit"] == pytest.approx(umd["flops_per_step"] / dit["flops_per_step"])
+    # The table is printed with one row per recipe.
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 3 and "time/DiT" in table[0] and "FLOPs/DiT" in table[0]
+
+
+def test_bad_flag_names_the_flag(tmp_path):
+    proc = _run(tmp_path, "--recipes=dit,nope", "--steps=1")
+    assert proc.returncode != 0
+    assert "--recipes" in proc.stderr and "nope" in proc.stderr
