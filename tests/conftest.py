@@ -6,10 +6,20 @@ backend, so it applies to in-process tests and (through the environment) to the
 binaries that end-to-end tests start. Benchmarks and real runs keep the defaults.
 """
 
+import importlib.metadata
 import os
 
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+def _fast_compile_flags() -> str:
+    flags = ["--xla_backend_optimization_level=0"]
+    # jaxlib 0.10 still has the fusion emitters switch (slow to compile for tiny
+    # programs); later XLA builds dropped the flag and abort on unknown flags.
+    major, minor = (int(p) for p in importlib.metadata.version("jaxlib").split(".")[:2])
+    if (major, minor) < (0, 11):
+        flags.append("--xla_cpu_use_fusion_emitters=false")
+    return " ".join(flags)
+
 
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAGS).strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _fast_compile_flags()).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -13,7 +13,6 @@ neither option changes what the tests check.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -21,8 +20,8 @@ import numpy as np
 
 import unidiff.models as um
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+# tests/conftest.py already sets XLA's fast-compile flags for the whole session.
+jit = jax.jit
 
 IMAGE = 8  # 8x8 images, patch 2 -> L = 16 tokens
 NUM_CLASSES = 5
