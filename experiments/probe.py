@@ -10,7 +10,10 @@ size), at t = 0, or noised with ``q_sample`` to t = ``--noise_t`` and told that 
 including UMD finetuning, r_t0 = 0.05). The closed-form ridge probe (whitening, bias feature, l2 1024)
 is fit on ``--shots`` examples per class of ``--train_split`` and scored top-1 on
 ``--test_split``. ``--random_init`` probes a freshly initialised encoder of the same
-configuration (no checkpoint needed): the baseline a trained encoder must beat.
+configuration (no checkpoint needed): the baseline a trained encoder must beat. With
+AdaLN-Zero (UMD's blocks start as the identity) and zero-initialised CLS tokens, such an
+encoder's representation is the same for every image, so this baseline is at chance;
+``--pixels`` probes the flattened raw pixels instead, a model-free reference.
 
 Prints a readable line and then one line of JSON with the result.
 """
@@ -29,6 +32,8 @@ flags.DEFINE_integer("noise_t", -1, "Time index of the features: 0 = clean, > 0 
                      "that step; -1 = auto (50 if the run's recipe has r_t0 = 0, else 0).")
 flags.DEFINE_bool("random_init", False, "Probe a randomly initialised encoder of the same "
                   "config instead of the checkpoint (baseline).")
+flags.DEFINE_bool("pixels", False, "Probe the raw pixels (flattened eval images) instead of an "
+                  "encoder: a model-free reference.")
 flags.DEFINE_bool("use_ema", True, "Use the EMA parameters when the checkpoint has them.")
 flags.DEFINE_string("train_split", "train", "Split the few-shot examples are drawn from.")
 flags.DEFINE_string("test_split", "test", "Held-out split the accuracy is measured on.")
@@ -121,7 +126,11 @@ def main(argv):
         test_n = len(test_src) if not FLAGS.max_test else min(FLAGS.max_test, len(test_src))
         if test_n == 0:
             raise UsageError(f"--test_split {FLAGS.test_split}: no examples")
-        if FLAGS.random_init:
+        if FLAGS.random_init and FLAGS.pixels:
+            raise UsageError("--random_init and --pixels: pick one baseline")
+        if FLAGS.pixels:
+            params, step = None, 0
+        elif FLAGS.random_init:
             params, step = trained.model.init(jax.random.key(FLAGS.seed)), 0
         else:
             params, step = wd.load_params(trained, FLAGS.use_ema)
@@ -140,6 +149,8 @@ def main(argv):
         return model.represent(prm, images, t)
 
     def featurize(images, salt: int):
+        if FLAGS.pixels:
+            return images.reshape(images.shape[0], -1).astype(np.float64)
         out = []
         for i, lo in enumerate(range(0, images.shape[0], bsz)):
             chunk = images[lo:lo + bsz]
@@ -156,13 +167,19 @@ def main(argv):
     tr_f, te_f = featurize(tr_x, 0), featurize(te_x, 1)
     acc = probe_lib.few_shot_probe(tr_f, tr_y, te_f, te_y, l2=FLAGS.l2,
                                    num_classes=trained.dataset_classes)
-    which = "random-init" if FLAGS.random_init else f"step {step}"
-    print(f"probe {FLAGS.workdir} ({which}{', EMA' if FLAGS.use_ema and not FLAGS.random_init and trained.cfg.ema_decay > 0 else ''}): "
-          f"top-1 {100 * acc:.2f}% on {len(te_y)} {FLAGS.test_split} images, "
-          f"{FLAGS.shots or 'all'}-shot ({len(tr_y)} train), features at t = {noise_t}, "
-          f"width {tr_f.shape[1]}, {time.perf_counter() - start:.1f}s")
+    if FLAGS.pixels:
+        what = "raw pixels"
+    elif FLAGS.random_init:
+        what = f"random-init encoder, features at t = {noise_t}"
+    else:
+        ema = ", EMA" if FLAGS.use_ema and trained.cfg.ema_decay > 0 else ""
+        what = f"step {step}{ema}, features at t = {noise_t}"
+    print(f"probe {FLAGS.workdir} ({what}, width {tr_f.shape[1]}): top-1 {100 * acc:.2f}% on "
+          f"{len(te_y)} {FLAGS.test_split} images, {FLAGS.shots or 'all'}-shot "
+          f"({len(tr_y)} train), {time.perf_counter() - start:.1f}s")
     print(json.dumps({
         "workdir": FLAGS.workdir, "step": int(step), "random_init": bool(FLAGS.random_init),
+        "features": "pixels" if FLAGS.pixels else "encoder",
         "top1": acc, "shots": FLAGS.shots, "noise_t": noise_t, "num_train": int(len(tr_y)),
         "num_test": int(len(te_y)), "dataset": trained.cfg.dataset,
     }, sort_keys=True))

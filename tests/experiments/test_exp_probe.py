@@ -29,6 +29,10 @@ def test_probe_trained_and_random_init(tiny_pretrained, tiny_finetuned):
     assert rand["random_init"] is True and rand["step"] == 0
     assert (rand["num_train"], rand["num_test"], rand["noise_t"]) == (30, 40, 50)
 
+    pixels = _result(run_binary("probe.py", [f"--workdir={tiny_pretrained}", "--pixels",
+                                             "--shots=2"]))
+    assert pixels["features"] == "pixels" and 0.0 <= pixels["top1"] <= 1.0
+
 
 def test_probe_bad_input(tiny_pretrained, tmp_path):
     cases = [
@@ -36,6 +40,7 @@ def test_probe_bad_input(tiny_pretrained, tmp_path):
         ([f"--workdir={tiny_pretrained}", "--noise_t=5000"], "--noise_t"),
         ([f"--workdir={tmp_path / 'nope'}"], "--workdir"),
         ([f"--workdir={tiny_pretrained}", "--test_split=bogus"], "--train_split/--test_split"),
+        ([f"--workdir={tiny_pretrained}", "--pixels", "--random_init"], "--random_init"),
     ]
     procs = [subprocess.Popen([sys.executable, str(ROOT / "experiments" / "probe.py"), *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,

@@ -7,6 +7,11 @@
 * ``FinalLayer``: LayerNorm, shift/scale from cond (no gate; skipped in MAE mode),
   linear to p*p*out_channels per token, zero-initialised.
 
+Every block passes its input through ``materialize_cotangent`` (identity forward and
+backward; see there): it keeps XLA from re-fusing the whole residual-stream gradient
+chain into every later consumer, which made the backward pass of deep unmasked models
+quadratic in depth on XLA:CPU.
+
 Shape glossary: B batch, N tokens, W block width, C_w conditioning width,
 O = p*p*out_channels outputs per token, index = relative-position bias index.
 """
@@ -20,6 +25,34 @@ from jaxtyping import Array, Float, Int
 
 from unidiff.models.attention import Attention
 from unidiff.models.layers import LayerNorm, dense, modulate
+
+
+@jax.custom_vjp
+def materialize_cotangent(x: Float[Array, "..."]) -> Float[Array, "..."]:
+    """Identity. Its backward pass is the identity too, behind an optimization barrier.
+
+    Why: in the backward pass the residual-stream gradient of block l is the gradient
+    of block l+1 plus elementwise LayerNorm-backward terms. XLA fuses elementwise
+    producers into each of their consumers, so without a barrier every consumer of
+    that gradient (the transposes feeding the weight-gradient matmuls, the LayerNorm
+    reductions) recomputed the whole chain from the top of the network: on XLA:CPU a
+    16-block S/4 step at 64x64 spent 55% of its time in such fusions (benchmarks/
+    step_throughput.py; issue 6). The barrier makes the gradient a real buffer at every
+    block boundary. (On CPU the train step also keeps XLA from expanding the barriers
+    away before fusion, see ``unidiff.train.step``.)
+    """
+    return x
+
+
+def _materialize_fwd(x):
+    return x, None
+
+
+def _materialize_bwd(_, g):
+    return (jax.lax.optimization_barrier(g),)
+
+
+materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
 
 
 class Mlp(hk.Module):
@@ -49,6 +82,7 @@ class AdaLNBlock(hk.Module):
         self, x: Float[Array, "b n w"], cond: Float[Array, "b c"],
         index: Int[Array, "bb n n"] | None = None,
     ) -> Float[Array, "b n w"]:
+        x = materialize_cotangent(x)
         w = x.shape[-1]
         mod = dense(6 * w, "adaln", zero_init=True)(cond)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
@@ -74,6 +108,7 @@ class ViTBlock(hk.Module):
         index: Int[Array, "bb n n"] | None = None,
     ) -> Float[Array, "b n w"]:
         del cond
+        x = materialize_cotangent(x)
         w = x.shape[-1]
         x = x + Attention(self.num_heads, self.rel_pos_grid)(
             LayerNorm(self.norm_affine, self.norm_eps, name="norm1")(x), index
