@@ -45,7 +45,9 @@ def test_lr_schedule_matches_closed_form(base_lr, batch, warmup, extra, frac):
         expected = peak * step / warmup
     else:
         expected = 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / extra))
-    np.testing.assert_allclose(float(sched(step)), expected, rtol=1e-4, atol=1e-12)
+    # float32 evaluation: near the end of the cosine, 1 + cos(.) cancels, so the error is
+    # a few ulps of the peak, not of the (tiny) value itself.
+    np.testing.assert_allclose(float(sched(step)), expected, rtol=1e-4, atol=1e-6 * peak)
 
 
 def test_weight_decay_only_touches_decayed_params():
