@@ -44,6 +44,11 @@ from typing import Any
 
 from absl import app, flags
 
+from unidiff.runtime import tune_host_allocator
+
+# Before jax starts its thread pools (unidiff/runtime.py says why).
+tune_host_allocator()
+
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(recipes="dit,maskdit,mae,umd,mdt", model="S/4", image_size=64, batch_size=8,
                 steps=10, compute_dtype="float32", matmul_size=2048),

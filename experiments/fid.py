@@ -33,6 +33,11 @@ import zipfile
 
 from absl import app, flags
 
+from unidiff.runtime import tune_host_allocator
+
+# Before jax starts its thread pools (unidiff/runtime.py says why).
+tune_host_allocator()
+
 flags.DEFINE_string("samples", None, "Samples .npz with 'images' uint8 (N, H, W, C) (sample.py).")
 flags.DEFINE_string("ref_stats", None, "Reference statistics .npz with 'mu' (D,) and 'sigma' (D, D).")
 flags.DEFINE_string("ref_dataset", None, "Or compute the reference statistics from this dataset "

@@ -14,6 +14,11 @@ import sys
 
 from absl import app, flags
 
+from unidiff.runtime import tune_host_allocator
+
+# Before jax starts its thread pools (unidiff/runtime.py says why).
+tune_host_allocator()
+
 from unidiff.train import cli
 
 cli.define_flags()

@@ -26,6 +26,11 @@ import time
 
 from absl import app, flags
 
+from unidiff.runtime import tune_host_allocator
+
+# Before jax starts its thread pools (unidiff/runtime.py says why).
+tune_host_allocator()
+
 flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 flags.DEFINE_integer("shots", 10, "Train examples per class for the probe (0 = all).")
 flags.DEFINE_integer("noise_t", -1, "Time index of the features: 0 = clean, > 0 noised to "

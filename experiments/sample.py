@@ -26,6 +26,11 @@ import time
 
 from absl import app, flags
 
+from unidiff.runtime import tune_host_allocator
+
+# Before jax starts its thread pools (unidiff/runtime.py says why).
+tune_host_allocator()
+
 flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 flags.DEFINE_integer("num_samples", 100, "Number of samples.")
 flags.DEFINE_string("labels", "", "Comma-separated class ids, assigned in turn; empty = all "

@@ -23,3 +23,8 @@ def _fast_compile_flags() -> str:
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _fast_compile_flags()).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from unidiff.runtime import tune_host_allocator  # noqa: E402
+
+# As the binaries do, before jax starts its thread pools (unidiff/runtime.py).
+tune_host_allocator()

@@ -136,21 +136,32 @@ def make_train_step(
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if ema is not None:
-            d = cfg.ema_decay
-            ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
 
-        def pick(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def apply_update(operand):
+            params, opt_state, ema, grads = operand
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            if ema is not None:
+                d = cfg.ema_decay
+                ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+            return params, opt_state, ema
+
+        def skip_update(operand):
+            params, opt_state, ema, _ = operand
+            return params, opt_state, ema
+
+        # A non-finite step keeps the old state. lax.cond rather than a jnp.where over
+        # every leaf: the select pass over params + both Adam moments cost as much as
+        # the update itself (CPU profile, issue 6).
+        params, opt_state, ema = jax.lax.cond(
+            finite, apply_update, skip_update, (state.params, state.opt_state, state.ema_params, grads)
+        )
 
         new_state = TrainState(
             step=state.step + 1,
-            params=pick(params, state.params),
-            opt_state=pick(opt_state, state.opt_state),
-            ema_params=None if ema is None else pick(ema, state.ema_params),
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema,
             rng=state.rng,
             nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),

@@ -1,0 +1,58 @@
+"""The jitted train step: a non-finite loss or gradient leaves the state untouched.
+
+A NaN batch must skip the optimizer update (params, both Adam moments and the EMA keep
+their values bit for bit), advance the step, and count the skip; the next finite batch
+updates as usual and resets the consecutive count.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unidiff import corruption as uc
+from unidiff import models as um
+from unidiff.train.optim import OptimConfig, make_optimizer
+from unidiff.train.state import init_state
+from unidiff.train.step import StepConfig, make_mesh, make_train_step, replicate, shard_batch
+
+
+def _tree_equal(a, b) -> bool:
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    cfg = um.umd_config("N/2", image_size=8, in_channels=3)
+    model, batch_size = um.Model(cfg), 4
+    optimizer = make_optimizer(OptimConfig(base_lr=1e-2, batch_size=batch_size, total_steps=10,
+                                           warmup_steps=0))
+    mesh = make_mesh(1)
+    state = replicate(init_state(model.init(jax.random.key(0)), optimizer, jax.random.key(1),
+                                 use_ema=True), mesh)
+    step = make_train_step(model, uc.recipes.umd(), optimizer, mesh, batch_size,
+                           StepConfig(patch_size=2, num_classes=0, ema_decay=0.9))
+    rng = np.random.default_rng(0)
+    good = {"image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32),
+            "label": np.zeros(batch_size, np.int32)}
+    bad = dict(good, image=np.where(np.arange(8)[None, :, None, None] == 3, np.nan, good["image"])
+               .astype(np.float32))
+    host = lambda s: jax.device_get(s)  # noqa: E731 - the step donates its input state
+
+    before = host(state)
+    for expected_run in (1, 2):
+        state, metrics = step(state, shard_batch(bad, mesh, batch_size))
+        after = host(state)
+        assert not bool(metrics["finite"])
+        assert int(after.step) == int(before.step) + expected_run
+        assert int(after.nonfinite_run) == expected_run == int(after.nonfinite_total)
+        for field in ("params", "opt_state", "ema_params"):
+            assert _tree_equal(getattr(after, field), getattr(before, field)), field
+
+    state, metrics = step(state, shard_batch(good, mesh, batch_size))
+    after = host(state)
+    assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+    assert int(after.nonfinite_run) == 0 and int(after.nonfinite_total) == 2
+    assert not _tree_equal(after.params, before.params)
+    assert not _tree_equal(after.ema_params, before.ema_params)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after.params))
