@@ -151,8 +151,8 @@ def make_train_step(
             return params, opt_state, ema
 
         # A non-finite step keeps the old state. lax.cond rather than a jnp.where over
-        # every leaf: the select pass over params + both Adam moments cost as much as
-        # the update itself (CPU profile, issue 6).
+        # every leaf: that select pass over params, EMA and both Adam moments was 2% of a
+        # DiT-S/4 step on CPU (profile, issue 6).
         params, opt_state, ema = jax.lax.cond(
             finite, apply_update, skip_update, (state.params, state.opt_state, state.ema_params, grads)
         )
