@@ -134,7 +134,7 @@ def make_train_step(
             images, labels, keys = (jnp.take(a, perm, axis=0) for a in (images, labels, keys))
         grads, metrics = sharded_grads(state.params, images, labels, keys)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
         def apply_update(operand):
