@@ -16,7 +16,10 @@ synthetic batch, and measures:
     of the two medians is used) unless ``--peak_flops`` is given;
   * peak memory from ``device.memory_stats()`` where the backend reports it (GPU/TPU;
     the CPU backend reports nothing, so it is None there), plus XLA's own estimate of
-    the step's temporary buffers (``compiled.memory_analysis()``).
+    the step's temporary buffers (``compiled.memory_analysis()``);
+  * XLA's own FLOP count of the compiled step (``compiled.cost_analysis()``, all
+    devices), logged as a multiple of the FLOP model: near 1 means the step does no
+    work the model leaves out (computing on hidden tokens, recomputing blocks).
 
 The table also shows each recipe's step time relative to DiT's (measured in the same
 run) next to the FLOP model's prediction of that ratio.
@@ -212,6 +215,7 @@ def bench_recipe(opts: Options, recipe_name: str) -> dict[str, Any]:
         temp_bytes = None if mem is None else int(mem.temp_size_in_bytes)
     except Exception:  # noqa: BLE001 - not every backend implements it
         pass
+    xla_flops = _xla_flops(compiled, num_devices)
 
     for _ in range(opts.warmup_steps):
         state, metrics = compiled(state, batch)
@@ -246,7 +250,24 @@ def bench_recipe(opts: Options, recipe_name: str) -> dict[str, Any]:
                          "decoder_tokens": v["decoder_tokens"]} for k, v in fl["branches"].items()},
         "peak_memory_bytes": _peak_memory(jax.devices()[0]),
         "xla_temp_bytes": temp_bytes,
+        # XLA's own count for the compiled step (dots and elementwise ops, all devices):
+        # close to flops_per_step means no work the FLOP model leaves out, e.g. on
+        # hidden tokens or recomputation.
+        "xla_flops_per_step": xla_flops,
     }
+
+
+def _xla_flops(compiled, num_devices: int) -> float | None:
+    """FLOPs of one step by XLA's cost analysis of the per-device program, times devices."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"]) * num_devices
 
 
 def dit_flops(opts: Options) -> int:
@@ -274,8 +295,10 @@ def run_suite(opts: Options, log=print) -> list[dict[str, Any]]:
     records = []
     for name in opts.recipes:
         rec = bench_recipe(opts, name)
+        xla = rec["xla_flops_per_step"]
+        xla_note = "" if xla is None else f", XLA counts {xla / rec['flops_per_step']:.3f}x the FLOP model"
         log(f"  {name}: compile {rec['compile_time_s']:.1f} s, step {rec['step_time_s']:.3f} s, "
-            f"{rec['images_per_s']:.2f} img/s, loss {rec['loss']:.4f}")
+            f"{rec['images_per_s']:.2f} img/s, loss {rec['loss']:.4f}{xla_note}")
         records.append(rec)
     if opts.peak_flops is None:
         peaks.append(measure_matmul_peak(opts.matmul_size, opts.compute_dtype))
