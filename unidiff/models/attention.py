@@ -70,8 +70,9 @@ class Attention(hk.Module):
     ) -> Float[Array, "b n w"]:
         b, n, w = x.shape
         h = self.num_heads
-        qkv = dense(3 * w, "qkv")(x).reshape(b, n, 3, h, w // h)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # split (not indexing): its backward is one concatenate of dq, dk, dv, where
+        # three indexings would each pad a zero (b, n, 3W) buffer and then add them.
+        q, k, v = (t.reshape(b, n, h, w // h) for t in jnp.split(dense(3 * w, "qkv")(x), 3, axis=-1))
         bias = None
         if self.rel_pos_grid is not None:
             if index is None:
