@@ -25,7 +25,7 @@ The table also shows each recipe's step time relative to DiT's (measured in the 
 run) next to the FLOP model's prediction of that ratio.
 
 Presets (individual flags override them):
-  * ``cpu``: S/4 at 64x64, batch 8, float32, 10 steps: about 8 minutes for the five
+  * ``cpu``: S/4 at 64x64, batch 8, float32, 10 steps: about 4.5 minutes for the five
     recipes on 2 CPU cores. 64x64 keeps the paper's 256 tokens, so the recipes' token
     ratios (and the FLOP model's predictions) are those of the paper's B/4 at 64x64.
   * ``paper``: B/4 at 64x64, batch 256 per device, bfloat16 (a GPU or TPU).
