@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from unidiff.models.layers import xavier_uniform, zeros
+from unidiff.models.layers import linear_params
 
 rel_pos_init = hk.initializers.TruncatedNormal(stddev=0.02)
 
@@ -79,7 +79,7 @@ class Attention(hk.Module):
         if w % h:
             raise ValueError(f"num_heads: width {w} is not divisible by {h} heads")
         d = w // h
-        w_qkv, b_qkv = _linear_params("qkv", w, 3 * w, x.dtype)
+        w_qkv, b_qkv = linear_params("qkv", w, 3 * w, x.dtype)
         # Same (W, 3W) matrix as a Dense(3W) whose output is read as (N, 3, H, D).
         qkv = jnp.einsum("bnw,wthd->tbhnd", x, w_qkv.reshape(w, 3, h, d))
         qkv = qkv + b_qkv.reshape(3, 1, h, 1, d)
@@ -101,13 +101,6 @@ class Attention(hk.Module):
         out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
         out = (out / jnp.sum(e, axis=-1, keepdims=True)).astype(x.dtype)
 
-        w_proj, b_proj = _linear_params("proj", w, w, x.dtype)
+        w_proj, b_proj = linear_params("proj", w, w, x.dtype)
         return jnp.einsum("bhnd,hdw->bnw", out, w_proj.reshape(h, d, w)) + b_proj
 
-
-def _linear_params(name: str, fan_in: int, fan_out: int, dtype) -> tuple[Array, Array]:
-    """The (w, b) an ``hk.Linear(fan_out, name=name)`` would create (xavier, zeros)."""
-    with hk.name_scope(name):
-        w_ = hk.get_parameter("w", (fan_in, fan_out), dtype, init=xavier_uniform)
-        b_ = hk.get_parameter("b", (fan_out,), dtype, init=zeros)
-    return w_, b_

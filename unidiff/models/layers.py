@@ -27,6 +27,15 @@ def dense(features: int, name: str, zero_init: bool = False) -> hk.Linear:
     return hk.Linear(features, w_init=zeros if zero_init else xavier_uniform, b_init=zeros, name=name)
 
 
+def linear_params(name: str, fan_in: int, fan_out: int, dtype) -> tuple[Array, Array]:
+    """The (w, b) that ``dense(fan_out, name)`` would create, for layers that apply them
+    other than as ``x @ w + b`` (attention's heads-major einsums)."""
+    with hk.name_scope(name):
+        w = hk.get_parameter("w", (fan_in, fan_out), dtype, init=xavier_uniform)
+        b = hk.get_parameter("b", (fan_out,), dtype, init=zeros)
+    return w, b
+
+
 class LayerNorm(hk.Module):
     """LayerNorm over the last axis with statistics in float32; optional affine."""
 
