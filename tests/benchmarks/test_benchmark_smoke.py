@@ -61,3 +61,34 @@ def test_bad_flag_names_the_flag(tmp_path):
     proc = _run(tmp_path, "--recipes=dit,nope", "--steps=1")
     assert proc.returncode != 0
     assert "--recipes" in proc.stderr and "nope" in proc.stderr
+
+
+def test_initial_params_are_shared_per_architecture_and_survive_donation(monkeypatch):
+    """The suite initialises each architecture once: the cached parameters equal a fresh
+    ``model.init`` with the same key, and each recipe gets its own device buffers (the
+    train step donates its state, so a shared buffer would be invalid for the next)."""
+    import importlib.util
+
+    import jax
+    import numpy as np
+
+    import unidiff.models as um
+
+    spec = importlib.util.spec_from_file_location("step_throughput_under_test", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look themselves up there
+    spec.loader.exec_module(bench)
+
+    model = um.Model(um.ModelConfig(image_size=8, patch_size=2, in_channels=3, width=32, depth=1,
+                                    decoder_depth=1, num_heads=2))
+    key = jax.random.key(3)
+    cache: dict = {}
+    first = bench._initial_params(model, key, cache)
+    assert list(cache) == [model.config]
+    for leaf in jax.tree.leaves(first):
+        leaf.delete()  # what donation does to the first recipe's state
+    second = bench._initial_params(model, key, cache)
+    fresh = model.init(key)
+    assert jax.tree.structure(second) == jax.tree.structure(fresh)
+    for a, b in zip(jax.tree.leaves(second), jax.tree.leaves(fresh)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
