@@ -171,7 +171,7 @@ def _peak_memory(device) -> int | None:
 
 
 def _initial_params(model, key, cache: dict | None):
-    """``model.init(key)``, computed once per architecture in a suite run.
+    """``model.init(key)``, computed once per (architecture, key) in a suite run.
 
     Compiling the jitted init costs 4-6 s on 2 CPU cores, and dit, maskdit and umd share
     one ``ModelConfig`` at the defaults. The values are those of a fresh ``model.init``
@@ -183,9 +183,10 @@ def _initial_params(model, key, cache: dict | None):
 
     if cache is None:
         return model.init(key)
-    if model.config not in cache:
-        cache[model.config] = jax.device_get(model.init(key))
-    return jax.tree.map(jnp.asarray, cache[model.config])
+    entry = (model.config, tuple(jax.device_get(jax.random.key_data(key)).ravel().tolist()))
+    if entry not in cache:
+        cache[entry] = jax.device_get(model.init(key))
+    return jax.tree.map(jnp.asarray, cache[entry])
 
 
 def bench_recipe(opts: Options, recipe_name: str, init_cache: dict | None = None) -> dict[str, Any]:

@@ -84,7 +84,7 @@ def test_initial_params_are_shared_per_architecture_and_survive_donation(monkeyp
     key = jax.random.key(3)
     cache: dict = {}
     first = bench._initial_params(model, key, cache)
-    assert list(cache) == [model.config]
+    assert len(cache) == 1 and next(iter(cache))[0] == model.config
     for leaf in jax.tree.leaves(first):
         leaf.delete()  # what donation does to the first recipe's state
     second = bench._initial_params(model, key, cache)
@@ -92,3 +92,9 @@ def test_initial_params_are_shared_per_architecture_and_survive_donation(monkeyp
     assert jax.tree.structure(second) == jax.tree.structure(fresh)
     for a, b in zip(jax.tree.leaves(second), jax.tree.leaves(fresh)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Another key is another entry, not the first key's parameters.
+    other = bench._initial_params(model, jax.random.key(4), cache)
+    assert len(cache) == 2
+    for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(model.init(jax.random.key(4)))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(fresh)))

@@ -103,4 +103,3 @@ class Attention(hk.Module):
 
         w_proj, b_proj = linear_params("proj", w, w, x.dtype)
         return jnp.einsum("bhnd,hdw->bnw", out, w_proj.reshape(h, d, w)) + b_proj
-
