@@ -7,9 +7,16 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from hypothesis import given, settings, strategies as st
 
-from unidiff.train.optim import OptimConfig, decay_mask, lr_schedule, make_optimizer
+from unidiff.train.optim import (
+    OptimConfig,
+    clip_by_global_norm,
+    decay_mask,
+    lr_schedule,
+    make_optimizer,
+)
 
 
 def test_decay_mask_skips_biases_norms_and_tokens():
@@ -62,3 +69,56 @@ def test_weight_decay_only_touches_decayed_params():
     assert float(jnp.abs(updates["w"]).max()) > 0
     assert float(jnp.abs(updates["b"]).max()) == 0
     assert float(jnp.abs(updates["cls_tokens"]).max()) == 0
+
+
+def _grads(seed: int, scale: float):
+    rng = np.random.default_rng(seed)
+    return {"w": jnp.asarray(scale * rng.standard_normal((5, 7)), jnp.float32),
+            "b": jnp.asarray(scale * rng.standard_normal((7,)), jnp.float32)}
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-3, 1e2), max_norm=st.floats(0.1, 10.0),
+       pass_norm=st.booleans())
+def test_clip_matches_optax_with_or_without_the_norm(seed, scale, max_norm, pass_norm):
+    grads = _grads(seed, scale)
+    ref, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    norm = {"grad_norm": optax.tree.norm(grads)} if pass_norm else {}
+    clip = clip_by_global_norm(max_norm)
+    out, state = clip.update(grads, clip.init(grads), None, **norm)
+    assert state == optax.EmptyState()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), out, ref)
+    # Independent check: the clipped global norm is min(norm, max_norm).
+    expected = min(float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))), max_norm)
+    np.testing.assert_allclose(float(optax.tree.norm(out)), expected, rtol=1e-5)
+
+
+def test_clip_uses_the_given_norm_instead_of_recomputing_it():
+    grads = _grads(0, 1.0)
+    true = float(optax.tree.norm(grads))
+    clip = clip_by_global_norm(max_norm=true / 2)
+    # A (wrong) norm of 4x the true one must scale by max_norm / given = 1/8: proof that
+    # the given value is used.
+    out, _ = clip.update(grads, clip.init(grads), None, grad_norm=4 * true)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b / 8, rtol=1e-6), out, grads)
+    # Below the threshold nothing changes.
+    out, _ = clip.update(grads, clip.init(grads), None, grad_norm=true / 4)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), out, grads)
+
+
+def test_make_optimizer_equals_the_optax_chain_and_keeps_its_state_tree():
+    cfg = OptimConfig(base_lr=1e-2, batch_size=256, warmup_steps=0, total_steps=10, grad_clip=0.5)
+    ours = make_optimizer(cfg)
+    ref = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                      optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
+                                  weight_decay=cfg.weight_decay, mask=decay_mask))
+    params = {"w": jnp.ones((5, 7)), "b": jnp.ones((7,))}
+    s_ours, s_ref = ours.init(params), ref.init(params)
+    # Same state tree, so checkpoints written before this optimizer restore into it.
+    assert jax.tree.structure(s_ours) == jax.tree.structure(s_ref)
+    for seed in range(3):
+        grads = _grads(seed, 3.0)  # norm well above grad_clip: clipping is active
+        u_ours, s_ours = ours.update(grads, s_ours, params, grad_norm=optax.tree.norm(grads))
+        u_ref, s_ref = ref.update(grads, s_ref, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), u_ours, u_ref)
+        params = optax.apply_updates(params, u_ours)

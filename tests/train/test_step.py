@@ -56,3 +56,39 @@ def test_nonfinite_step_is_skipped_and_counted():
     assert not _tree_equal(after.params, before.params)
     assert not _tree_equal(after.ema_params, before.ema_params)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after.params))
+
+
+def test_step_update_equals_the_optax_reference_chain():
+    """make_optimizer's clip reuses the step's gradient norm; the parameters after one
+    (clipped) step equal those of the optax chain that computes the norm itself, passed
+    as a plain GradientTransformation (no extra arguments, so the step must not pass
+    ``grad_norm`` to it)."""
+    import optax
+
+    from unidiff.train.optim import decay_mask, lr_schedule
+
+    cfg = um.umd_config("N/2", image_size=8, in_channels=3)
+    model, batch_size = um.Model(cfg), 4
+    opt_cfg = OptimConfig(base_lr=1e-2, batch_size=batch_size, total_steps=10, warmup_steps=0,
+                          grad_clip=1e-3)  # far below the gradient norm: clipping is active
+    chain = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip),
+                        optax.adamw(lr_schedule(opt_cfg), b1=opt_cfg.b1, b2=opt_cfg.b2,
+                                    weight_decay=opt_cfg.weight_decay, mask=decay_mask))
+    plain = optax.GradientTransformation(chain.init, lambda u, s, p=None: chain.update(u, s, p))
+    mesh = make_mesh(1)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32),
+             "label": np.zeros(batch_size, np.int32)}
+    params0 = jax.device_get(model.init(jax.random.key(0)))
+    out = {}
+    for name, optimizer in (("ours", make_optimizer(opt_cfg)), ("reference", plain)):
+        state = replicate(init_state(jax.tree.map(jnp.asarray, params0), optimizer,
+                                     jax.random.key(1), use_ema=False), mesh)
+        step = make_train_step(model, uc.recipes.umd(), optimizer, mesh, batch_size,
+                               StepConfig(patch_size=2, num_classes=0))
+        state, metrics = step(state, shard_batch(batch, mesh, batch_size))
+        assert float(metrics["grad_norm"]) > 100 * opt_cfg.grad_clip
+        out[name] = jax.device_get(state.params)
+    assert not _tree_equal(out["ours"], params0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 out["ours"], out["reference"])

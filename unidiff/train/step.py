@@ -78,8 +78,12 @@ def make_train_step(
     """Build ``train_step(state, batch) -> (state, metrics)``, jitted, donating the state.
 
     ``batch`` holds ``image`` (B, H, W, C) float32 in [-1, 1] and ``label`` (B,) int32,
-    sharded along ``data`` (see :func:`shard_batch`).
+    sharded along ``data`` (see :func:`shard_batch`). ``optimizer.update`` gets the
+    gradients' global norm as the extra argument ``grad_norm`` (the clipping of
+    :func:`unidiff.train.optim.make_optimizer` reuses it); a transformation without extra
+    arguments is called as usual.
     """
+    optimizer = optax.with_extra_args_support(optimizer)
     num_devices = mesh.shape[DATA_AXIS]
     n_clean, _ = uc.split_batch(batch_size, recipe.r_t0, num_devices)
     n_clean_local = n_clean // num_devices
@@ -145,7 +149,7 @@ def make_train_step(
 
         def apply_update(operand):
             params, opt_state, ema, grads = operand
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates, opt_state = optimizer.update(grads, opt_state, params, grad_norm=grad_norm)
             params = optax.apply_updates(params, updates)
             if ema is not None:
                 d = cfg.ema_decay
