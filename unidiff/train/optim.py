@@ -62,17 +62,19 @@ def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
-    """``optax.clip_by_global_norm(max_norm)`` (same results, same empty state) whose
-    ``update`` reuses ``grad_norm=``, the global norm of ``updates``, when given."""
+    """``optax.clip_by_global_norm(max_norm)`` (same results up to rounding, same empty
+    state) whose ``update`` reuses ``grad_norm=``, the global norm of ``updates``, when
+    given."""
 
     def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
         del params, extra_args
         g_norm = optax.tree.norm(updates) if grad_norm is None else jnp.asarray(grad_norm)
-        keep = g_norm < max_norm
-        updates = jax.tree.map(
-            lambda t: jax.lax.select(keep, t, (t / g_norm.astype(t.dtype)) * max_norm), updates
-        )
-        return updates, state
+        # One scalar factor rather than optax's select(t, t / norm * max_norm): XLA fuses a
+        # multiply by a scalar into both Adam moment updates, whereas the per-leaf divide
+        # was materialised as a temporary (one more pass over every gradient; issue 6).
+        # Same value up to rounding (t * (max / norm) against t / norm * max).
+        scale = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)
+        return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
 
     return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
