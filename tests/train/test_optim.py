@@ -14,6 +14,7 @@ from unidiff.train.optim import (
     OptimConfig,
     clip_by_global_norm,
     decay_mask,
+    global_norm,
     lr_schedule,
     make_optimizer,
 )
@@ -122,3 +123,19 @@ def test_make_optimizer_equals_the_optax_chain_and_keeps_its_state_tree():
         u_ref, s_ref = ref.update(grads, s_ref, params)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), u_ours, u_ref)
         params = optax.apply_updates(params, u_ours)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1),
+       sizes=st.lists(st.sampled_from([1, 7, 384, 4096, 4097, 9000]), min_size=0, max_size=8),
+       bf16=st.booleans())
+def test_global_norm_matches_numpy(seed, sizes, bf16):
+    # Leaves on both sides of the small-leaf threshold, so both code paths are summed.
+    rng = np.random.default_rng(seed)
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    tree = {f"leaf{i}": jnp.asarray(rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3), dtype)
+            for i, n in enumerate(sizes)}
+    expected = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in tree.values()))
+    got = global_norm(tree)
+    assert got.dtype == jnp.float32 and got.shape == ()
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unidiff import corruption as uc
+from unidiff.train.optim import global_norm
 from unidiff.train.state import TrainState
 
 DATA_AXIS = "data"
@@ -144,7 +145,7 @@ def make_train_step(
             images, labels, keys = (jnp.take(a, perm, axis=0) for a in (images, labels, keys))
         grads, metrics = sharded_grads(state.params, images, labels, keys)
 
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
         def apply_update(operand):
