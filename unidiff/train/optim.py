@@ -67,12 +67,13 @@ _SMALL_LEAF = 4096
 
 
 def global_norm(tree) -> jax.Array:
-    """The L2 norm of all leaves together (``optax.tree.norm``, float32), computed with
-    one reduction per large leaf plus one over all small leaves concatenated.
+    """The L2 norm of all leaves together, as ``optax.tree.norm`` but summed in float32,
+    with one reduction per large leaf plus one over all small leaves concatenated.
 
-    Per-leaf sums of squares were about 700 of the DiT-S/4 train step's 2,300 fusions
-    (square, partial and final reduction for each of 242 leaves); XLA:CPU compile time
-    grows with the number of fusions, and each tiny one is a kernel launch (issue 6).
+    Summed leaf by leaf, each of the 155 small leaves of the S/4 models (biases, norm
+    parameters) cost about 3 tiny XLA kernels; grouping them removed 508 of the DiT-S/4 train
+    step's 3,062 fusions. XLA:CPU's compile time grows with the number of fusions, and
+    each fusion is one kernel launch per step (issue 6).
     """
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
     small = [x.astype(jnp.float32).ravel() for x in leaves if x.size <= _SMALL_LEAF]
