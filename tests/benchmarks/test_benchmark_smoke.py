@@ -57,6 +57,19 @@ def test_suite_runs_two_recipes_and_writes_records(tmp_path):
     assert len(table) == 3 and "time/DiT" in table[0] and "FLOPs/DiT" in table[0]
 
 
+def test_paper_preset_runs_in_bfloat16_with_overrides(tmp_path):
+    # The GPU/TPU preset's bfloat16 step, shrunk by flags so it runs here: the preset
+    # supplies the dtype, the flags override model, size, batch and steps.
+    out = tmp_path / "records.json"
+    proc = _run(tmp_path, "--preset=paper", "--recipes=mae", "--model=N/2", "--image_size=8",
+                "--batch_size=4", "--steps=2", "--matmul_size=256", f"--json={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rec,) = json.loads(out.read_text())
+    assert rec["compute_dtype"] == "bfloat16"
+    assert (rec["model"], rec["image_size"], rec["batch_size"]) == ("N/2", 8, 4)
+    assert len(rec["step_times_s"]) == 2 and math.isfinite(rec["loss"])
+
+
 def test_bad_flag_names_the_flag(tmp_path):
     proc = _run(tmp_path, "--recipes=dit,nope", "--steps=1")
     assert proc.returncode != 0
