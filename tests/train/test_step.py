@@ -1,4 +1,5 @@
-"""The jitted train step: a non-finite loss or gradient leaves the state untouched.
+"""The jitted train step: a non-finite loss or gradient leaves the state untouched, and
+a finite step updates exactly as optax's own clip + AdamW chain would.
 
 A NaN batch must skip the optimizer update (params, both Adam moments and the EMA keep
 their values bit for bit), advance the step, and count the skip; the next finite batch
