@@ -146,6 +146,32 @@ def test_attention_matches_numpy(rel):
     assert_close(y, np_attention(np.asarray(x, np.float64), pn, heads, bias), rtol=1e-4, atol=1e-5)
 
 
+@settings(max_examples=12, deadline=None)
+@given(lead=st.lists(st.integers(1, 4), min_size=0, max_size=3), fan_in=st.integers(1, 6),
+       fan_out=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_dense_is_linear_on_any_leading_axes(lead, fan_in, fan_out, seed):
+    """Dense has hk.Linear's parameters and computes x @ w + b over the last axis for any
+    number of leading axes; its gradients are those of that formula (numpy, float64)."""
+    shape = (*lead, fan_in)
+    f = hk.without_apply_rng(hk.transform(lambda x: um.Dense(fan_out, name="fc")(x)))
+    lin = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(fan_out, name="fc")(x)))
+    x = jnp.zeros(shape, jnp.float32)
+    assert jax.eval_shape(f.init, jax.random.key(0), x) == jax.eval_shape(lin.init, jax.random.key(0), x)
+    rng = np.random.default_rng(seed)
+    params = random_like(jax.eval_shape(f.init, jax.random.key(0), x), seed=seed)
+    x = rng.standard_normal(shape)
+    ct = rng.standard_normal((*lead, fan_out))
+    y, vjp = jax.vjp(f.apply, params, jnp.asarray(x, jnp.float32))
+    (dp, dx) = vjp(jnp.asarray(ct, jnp.float32))
+    w, b = (np.asarray(params["fc"][k], np.float64) for k in ("w", "b"))
+    x2, ct2 = x.reshape(-1, fan_in), ct.reshape(-1, fan_out)
+    assert y.shape == (*lead, fan_out)
+    assert_close(y, x @ w + b, rtol=1e-5, atol=1e-5)
+    assert_close(dx, ct @ w.T, rtol=1e-5, atol=1e-5)
+    assert_close(dp["fc"]["w"], x2.T @ ct2, rtol=1e-5, atol=1e-5)
+    assert_close(dp["fc"]["b"], ct2.sum(0), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("rel", [False, True])
 def test_attention_gradients_match_reference(rel):
     """Gradients (params and input) equal those of the textbook formulation: Dense(3W),

@@ -31,6 +31,7 @@ from unidiff.models.config import (
 from unidiff.models.decoder import DecoderEmbed, decoder_forward, make_decoder, split_output
 from unidiff.models.encoder import encoder_forward, make_encoder
 from unidiff.models.layers import (
+    Dense,
     LabelEmbed,
     LayerNorm,
     TimeEmbed,
@@ -47,7 +48,7 @@ from unidiff.models.outputs import EncoderOutput, Prediction
 from unidiff.models.side_interpolater import make_side_interpolater, side_interpolater_forward
 
 __all__ = [
-    "AdaLNBlock", "Attention", "DecoderEmbed", "EncoderOutput", "FREQ_ORDERS", "FinalLayer",
+    "AdaLNBlock", "Attention", "DecoderEmbed", "Dense", "EncoderOutput", "FREQ_ORDERS", "FinalLayer",
     "LabelEmbed", "LayerNorm", "Mlp", "Model", "ModelConfig", "OUTPUT_KINDS", "POS_EMBED_KINDS",
     "Prediction", "SIZES", "TimeEmbed", "ViTBlock", "bias_index", "conditioning", "count_params",
     "decoder_forward", "dit_config", "drop_labels", "encoder_forward", "mae_config", "make_block",

@@ -1,15 +1,19 @@
 """Multi-head self-attention with an optional MDT relative position bias.
 
-The qkv projection is one Dense(3W) and the output projection one Dense(W), with the
-parameters of ``hk.Linear`` (``qkv/w`` (W, 3W), ``qkv/b``, ``proj/w``, ``proj/b``), but
-both are applied as einsums over a heads-major (B, H, N, D) view of their weights, so
-q, k, v come out heads-major and the output projection contracts (H, D) directly: the
-attention matmuls then need no transposes, forward or backward. The softmax is
-normalised after the PV matmul (divide the (B, H, N, D) output, not the (B, H, N, N)
-probabilities). Logits, exp and the normaliser are float32 for bfloat16 inputs too.
-Measured on XLA:CPU (S/4 width, 256 tokens, batch 32, one attention layer forward and
-backward, timed on its own): 338 ms against 433 ms for Dense + reshape +
-``jax.nn.dot_product_attention``; the whole-step effect is in README "Performance".
+The qkv projection is one Dense(3W) and the output projection one Dense(W)
+(``layers.Dense``: ``qkv/w`` (W, 3W), ``qkv/b``, ``proj/w``, ``proj/b``), both on
+(B*N, W) rows. The qkv output is transposed once to (3, B, H, N, D), so q, k, v are
+heads-major and the attention matmuls need no further transposes, forward or
+backward; the (B, H, N, D) output goes back to (B*N, W) rows, once, for the output
+projection. Each transpose is one copy, shared by the dense layer's forward dot and
+its weight-gradient dot. (Applying the projections as einsums over a heads-major view
+of the weights instead made XLA:CPU transpose the activations and gradients inside
+every projection dot: in one-process A/Bs of the S/4 DiT-recipe step at batch 4, the
+qkv einsum cost 1.2% and the output-projection einsum 2.3%, README "Performance".) The softmax is normalised after the PV matmul (divide the
+(B, H, N, D) output, not the (B, H, N, N) probabilities). Logits, exp and the
+normaliser are float32 for bfloat16 inputs too. Reading q, k, v as slices of the last
+axis of the (B, N, 3W) output, and ``jax.nn.dot_product_attention``'s (B, N, H, D)
+layout, were slower still (README "Performance").
 
 Relative position bias (MDT, BEiT-style): each block owns a table of (2g-1)^2 x H
 learned values for a g x g grid; token pair (i, j) reads entry
@@ -31,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from unidiff.models.layers import linear_params
+from unidiff.models.layers import dense
 
 rel_pos_init = hk.initializers.TruncatedNormal(stddev=0.02)
 
@@ -79,10 +83,8 @@ class Attention(hk.Module):
         if w % h:
             raise ValueError(f"num_heads: width {w} is not divisible by {h} heads")
         d = w // h
-        w_qkv, b_qkv = linear_params("qkv", w, 3 * w, x.dtype)
-        # Same (W, 3W) matrix as a Dense(3W) whose output is read as (N, 3, H, D).
-        qkv = jnp.einsum("bnw,wthd->tbhnd", x, w_qkv.reshape(w, 3, h, d))
-        qkv = qkv + b_qkv.reshape(3, 1, h, 1, d)
+        qkv = dense(3 * w, "qkv")(x).reshape(b, n, 3, h, d)
+        qkv = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # (3, B, H, N, D)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, D) each
 
         # Scaling q (B*N*W values) is cheaper than scaling the logits (B*H*N*N).
@@ -101,5 +103,5 @@ class Attention(hk.Module):
         out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
         out = (out / jnp.sum(e, axis=-1, keepdims=True)).astype(x.dtype)
 
-        w_proj, b_proj = linear_params("proj", w, w, x.dtype)
-        return jnp.einsum("bhnd,hdw->bnw", out, w_proj.reshape(h, d, w)) + b_proj
+        out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, n, w)  # heads concatenated per token
+        return dense(w, "proj")(out)

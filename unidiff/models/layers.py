@@ -22,18 +22,28 @@ normal_002 = hk.initializers.RandomNormal(stddev=0.02)
 zeros = hk.initializers.Constant(0.0)
 
 
-def dense(features: int, name: str, zero_init: bool = False) -> hk.Linear:
+class Dense(hk.Linear):
+    """``hk.Linear`` (same parameters ``w`` (in, out), ``b``) applied to a (rows, in)
+    view of its input, whatever the number of leading axes.
+
+    Why: on a (B, N, W) input the weight gradient is a dot contracting two axes (B and
+    N), and XLA:CPU canonicalises that by materialising a transposed copy of the
+    activation or of the gradient (one (W, B*N) copy per layer, every step). On the
+    (B*N, W) view the same dot contracts one axis and runs without the copy. Measured
+    with ``benchmarks/step_throughput.py``'s step: S/4 DiT at 64x64, batch 32, 8.38
+    against 9.54 s per step together with the attention projections (README
+    "Performance").
+    """
+
+    def __call__(self, x: Float[Array, "... i"], *, precision=None) -> Float[Array, "... o"]:
+        lead = x.shape[:-1]
+        y = super().__call__(x.reshape(-1, x.shape[-1]), precision=precision)
+        return y.reshape(*lead, y.shape[-1])
+
+
+def dense(features: int, name: str, zero_init: bool = False) -> Dense:
     """A Linear layer with the papers' init (xavier uniform or zeros, bias zero)."""
-    return hk.Linear(features, w_init=zeros if zero_init else xavier_uniform, b_init=zeros, name=name)
-
-
-def linear_params(name: str, fan_in: int, fan_out: int, dtype) -> tuple[Array, Array]:
-    """The (w, b) that ``dense(fan_out, name)`` would create, for layers that apply them
-    other than as ``x @ w + b`` (attention's heads-major einsums)."""
-    with hk.name_scope(name):
-        w = hk.get_parameter("w", (fan_in, fan_out), dtype, init=xavier_uniform)
-        b = hk.get_parameter("b", (fan_out,), dtype, init=zeros)
-    return w, b
+    return Dense(features, w_init=zeros if zero_init else xavier_uniform, b_init=zeros, name=name)
 
 
 class LayerNorm(hk.Module):
