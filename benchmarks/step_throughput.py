@@ -7,7 +7,11 @@ synthetic batch, and measures:
 
   * compile time (lower + compile of the train step);
   * steady-state step time: the median over ``--steps`` steps after ``--warmup_steps``
-    warm-up steps, each step timed on its own and blocked on (new state, metrics);
+    warm-up steps, each step timed on its own and blocked on (new state, metrics). By
+    default every recipe is compiled first and the steps are then taken in turns (dit,
+    maskdit, mae, umd, mdt, dit, ...), so a slow spell of a shared host slows every
+    recipe's steps alike instead of one recipe's median; ``--nointerleave`` times one
+    recipe after another and holds only one recipe's state at a time;
   * images/s = batch / step time; FLOPs per step from the analytic model
     (``unidiff.flops``: forward + backward = 3 x forward, real token counts per
     branch); achieved FLOP/s = FLOPs / step time;
@@ -15,7 +19,8 @@ synthetic batch, and measures:
     compute dtype measured in the same run (before and after the recipes; the larger
     of the two medians is used) unless ``--peak_flops`` is given;
   * peak memory from ``device.memory_stats()`` where the backend reports it (GPU/TPU;
-    the CPU backend reports nothing, so it is None there), plus XLA's own estimate of
+    the CPU backend reports nothing, so it is None there; a high-water mark of the whole
+    run, so with interleaving it covers all recipes' states at once), plus XLA's own estimate of
     the step's temporary buffers (``compiled.memory_analysis()``);
   * XLA's own FLOP count of the compiled step (``compiled.cost_analysis()``, all
     devices), logged as a multiple of the FLOP model: near 1 means the step does no
@@ -76,6 +81,10 @@ _ARCH = flags.DEFINE_enum("arch", "auto", ["auto", "umd", "umd_no_adaln", "mae",
                           "Architecture as in training (--arch of pretrain.py); auto = the recipe's default. "
                           "'dit' = exactly DiT (all blocks on all tokens, no CLS).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 0, "Class-conditional with this many classes (0 = none).")
+_INTERLEAVE = flags.DEFINE_bool(
+    "interleave", True, "Time the recipes' steps in turns (dit, maskdit, ..., dit, ...) after compiling "
+    "them all, so a slow spell of a shared host hits every recipe alike; --nointerleave runs one "
+    "recipe after another and holds one recipe's state at a time.")
 _JSON = flags.DEFINE_string("json", None, "Write the records as a JSON list to this path.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and the synthetic batch.")
 
@@ -95,6 +104,7 @@ class Options:
     num_classes: int = 0
     seed: int = 0
     channels: int = 3
+    interleave: bool = True
 
     def validate(self) -> None:
         def fail(flag: str, msg: str) -> None:
@@ -124,7 +134,7 @@ def options_from_flags() -> Options:
         batch_size=pick(_BATCH_SIZE, "batch_size"), steps=pick(_STEPS, "steps"),
         warmup_steps=pick(_WARMUP, "warmup_steps"), compute_dtype=pick(_DTYPE, "compute_dtype"),
         peak_flops=_PEAK.value, matmul_size=pick(_MATMUL, "matmul_size"), arch=_ARCH.value,
-        num_classes=_NUM_CLASSES.value, seed=_SEED.value,
+        num_classes=_NUM_CLASSES.value, seed=_SEED.value, interleave=_INTERLEAVE.value,
     )
 
 
@@ -189,8 +199,47 @@ def _initial_params(model, key, cache: dict | None):
     return jax.tree.map(jnp.asarray, cache[entry])
 
 
-def bench_recipe(opts: Options, recipe_name: str, init_cache: dict | None = None) -> dict[str, Any]:
-    """Compile and time the real train step of one recipe; one JSON record.
+@dataclasses.dataclass
+class PreparedRecipe:
+    """One recipe's compiled train step with its state and batch, ready to be timed."""
+
+    name: str
+    record: dict[str, Any]  # everything known before stepping
+    compiled: Any
+    state: Any
+    batch: Any
+    metrics: Any = None
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    def step(self) -> float:
+        """One step, blocked on (new state, metrics); returns its wall time in seconds."""
+        import jax
+
+        t0 = time.perf_counter()
+        self.state, self.metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready((self.state, self.metrics))
+        return time.perf_counter() - t0
+
+    def finish(self) -> dict[str, Any]:
+        """The record, from the timed steps in ``times``; releases the state."""
+        import jax
+
+        step_time = statistics.median(self.times)
+        rec = dict(self.record)
+        rec.update(
+            step_time_s=step_time,
+            step_times_s=list(self.times),
+            images_per_s=rec["batch_size"] / step_time,
+            achieved_flops=rec["flops_per_step"] / step_time,
+            loss=float(self.metrics["loss"]),
+            peak_memory_bytes=_peak_memory(jax.devices()[0]),
+        )
+        self.state = self.batch = self.compiled = None
+        return rec
+
+
+def prepare_recipe(opts: Options, recipe_name: str, init_cache: dict | None = None) -> PreparedRecipe:
+    """Build and compile the real train step of one recipe on a synthetic batch.
 
     ``init_cache`` (a dict, filled here) shares initial parameters between recipes with
     the same architecture; ``None`` initialises afresh.
@@ -241,22 +290,9 @@ def bench_recipe(opts: Options, recipe_name: str, init_cache: dict | None = None
         temp_bytes = None if mem is None else int(mem.temp_size_in_bytes)
     except Exception:  # noqa: BLE001 - not every backend implements it
         pass
-    xla_flops = _xla_flops(compiled, num_devices)
-
-    for _ in range(opts.warmup_steps):
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-    times = []
-    for _ in range(opts.steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-    loss = float(metrics["loss"])
-    step_time = statistics.median(times)
 
     fl = uflops.train_step_flops(mcfg, recipe, opts.batch_size, num_devices)
-    return {
+    record = {
         "recipe": recipe_name,
         "model": opts.model,
         "arch": arch,
@@ -265,22 +301,46 @@ def bench_recipe(opts: Options, recipe_name: str, init_cache: dict | None = None
         "compute_dtype": opts.compute_dtype,
         "num_devices": num_devices,
         "compile_time_s": compile_time,
-        "step_time_s": step_time,
-        "step_times_s": times,
-        "images_per_s": opts.batch_size / step_time,
         "flops_per_step": fl["total"],
-        "achieved_flops": fl["total"] / step_time,
         "mfu": None,  # filled in once the peak is known
-        "loss": loss,
         "branches": {k: {"rows": v["rows"], "encoder_tokens": v["encoder_tokens"],
                          "decoder_tokens": v["decoder_tokens"]} for k, v in fl["branches"].items()},
-        "peak_memory_bytes": _peak_memory(jax.devices()[0]),
         "xla_temp_bytes": temp_bytes,
         # XLA's own count for the compiled step (dots and elementwise ops, all devices):
         # close to flops_per_step means no work the FLOP model leaves out, e.g. on
         # hidden tokens or recomputation.
-        "xla_flops_per_step": xla_flops,
+        "xla_flops_per_step": _xla_flops(compiled, num_devices),
     }
+    return PreparedRecipe(recipe_name, record, compiled, state, batch)
+
+
+def time_recipes(prepared: list[PreparedRecipe], steps: int, warmup_steps: int, interleave: bool) -> None:
+    """Warm up, then time ``steps`` steps of each recipe into its ``times``.
+
+    Interleaved, step i of every recipe runs before step i + 1 of any, so the step-time
+    ratios between recipes compare steps taken minutes apart at most, not recipes run
+    at different times of a shared host's day. Otherwise each recipe runs all its steps
+    in turn.
+    """
+    if interleave:
+        for _ in range(warmup_steps):
+            for p in prepared:
+                p.step()
+        for _ in range(steps):
+            for p in prepared:
+                p.times.append(p.step())
+        return
+    for p in prepared:
+        for _ in range(warmup_steps):
+            p.step()
+        p.times.extend(p.step() for _ in range(steps))
+
+
+def bench_recipe(opts: Options, recipe_name: str, init_cache: dict | None = None) -> dict[str, Any]:
+    """Compile and time the real train step of one recipe; one JSON record."""
+    prepared = prepare_recipe(opts, recipe_name, init_cache)
+    time_recipes([prepared], opts.steps, opts.warmup_steps, interleave=False)
+    return prepared.finish()
 
 
 def _xla_flops(compiled, num_devices: int) -> float | None:
@@ -319,13 +379,27 @@ def run_suite(opts: Options, log=print) -> list[dict[str, Any]]:
         peaks.append(measure_matmul_peak(opts.matmul_size, opts.compute_dtype))
         log(f"matmul peak ({opts.matmul_size}^2, {opts.compute_dtype}): {peaks[0] / 1e9:.1f} GFLOP/s")
     records, init_cache = [], {}
-    for name in opts.recipes:
-        rec = bench_recipe(opts, name, init_cache)
+
+    def log_record(rec: dict[str, Any]) -> None:
         xla = rec["xla_flops_per_step"]
         xla_note = "" if xla is None else f", XLA counts {xla / rec['flops_per_step']:.3f}x the FLOP model"
-        log(f"  {name}: compile {rec['compile_time_s']:.1f} s, step {rec['step_time_s']:.3f} s, "
+        log(f"  {rec['recipe']}: compile {rec['compile_time_s']:.1f} s, step {rec['step_time_s']:.3f} s, "
             f"{rec['images_per_s']:.2f} img/s, loss {rec['loss']:.4f}{xla_note}")
-        records.append(rec)
+
+    if opts.interleave:
+        prepared = []
+        for name in opts.recipes:
+            prepared.append(prepare_recipe(opts, name, init_cache))
+            log(f"  {name}: compiled in {prepared[-1].record['compile_time_s']:.1f} s")
+        log(f"timing {opts.steps} steps of each recipe in turns")
+        time_recipes(prepared, opts.steps, opts.warmup_steps, interleave=True)
+        records = [p.finish() for p in prepared]
+        for rec in records:
+            log_record(rec)
+    else:
+        for name in opts.recipes:
+            records.append(bench_recipe(opts, name, init_cache))
+            log_record(records[-1])
     if opts.peak_flops is None:
         peaks.append(measure_matmul_peak(opts.matmul_size, opts.compute_dtype))
         log(f"matmul peak again after the recipes: {peaks[1] / 1e9:.1f} GFLOP/s")
@@ -343,6 +417,7 @@ def run_suite(opts: Options, log=print) -> list[dict[str, Any]]:
         r["device"] = f"{device.platform} {device.device_kind}"
         r["step_time_rel_dit"] = None if dit_time is None else r["step_time_s"] / dit_time
         r["flops_rel_dit"] = r["flops_per_step"] / dit_fl
+        r["timing"] = "interleaved" if opts.interleave and len(records) > 1 else "sequential"
     log(format_table(records))
     return records
 

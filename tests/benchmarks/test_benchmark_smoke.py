@@ -1,5 +1,6 @@
 """The throughput suite keeps working: its command line runs two recipes for 2 steps at
-a tiny size and writes well-formed records. Speed is never asserted here."""
+a tiny size and writes well-formed records; the recipes' steps are timed in turns.
+Speed is never asserted here."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def test_suite_runs_two_recipes_and_writes_records(tmp_path):
         assert r["achieved_flops"] == pytest.approx(r["flops_per_step"] / r["step_time_s"])
         assert r["mfu"] == pytest.approx(r["achieved_flops"] / r["peak_flops"])
         assert math.isfinite(r["loss"])
+        assert r["timing"] == "interleaved"  # the default: recipes' steps taken in turns
         # XLA's own count of the compiled step agrees with the FLOP model (elementwise
         # ops add a few percent). Running UMD's encoder on hidden tokens, or recomputing
         # blocks, would put it far above: the FLOP model of this umd config with an encoder
@@ -62,12 +64,13 @@ def test_paper_preset_runs_in_bfloat16_with_overrides(tmp_path):
     # supplies the dtype, the flags override model, size, batch and steps.
     out = tmp_path / "records.json"
     proc = _run(tmp_path, "--preset=paper", "--recipes=mae", "--model=N/2", "--image_size=8",
-                "--batch_size=4", "--steps=2", "--matmul_size=256", f"--json={out}")
+                "--batch_size=4", "--steps=2", "--matmul_size=256", "--nointerleave", f"--json={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rec,) = json.loads(out.read_text())
     assert rec["compute_dtype"] == "bfloat16"
     assert (rec["model"], rec["image_size"], rec["batch_size"]) == ("N/2", 8, 4)
     assert len(rec["step_times_s"]) == 2 and math.isfinite(rec["loss"])
+    assert rec["timing"] == "sequential"
 
 
 def test_bad_flag_names_the_flag(tmp_path):
@@ -76,21 +79,48 @@ def test_bad_flag_names_the_flag(tmp_path):
     assert "--recipes" in proc.stderr and "nope" in proc.stderr
 
 
-def test_initial_params_are_shared_per_architecture_and_survive_donation(monkeypatch):
-    """The suite initialises each architecture once: the cached parameters equal a fresh
-    ``model.init`` with the same key, and each recipe gets its own device buffers (the
-    train step donates its state, so a shared buffer would be invalid for the next)."""
+def _load_bench(monkeypatch):
     import importlib.util
-
-    import jax
-    import numpy as np
-
-    import unidiff.models as um
 
     spec = importlib.util.spec_from_file_location("step_throughput_under_test", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look themselves up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_time_recipes_order_and_warmup(monkeypatch, interleave):
+    """Interleaved, step i of every recipe runs before step i + 1 of any; sequential, one
+    recipe's steps run together. Warm-up steps come first and are never timed."""
+    bench = _load_bench(monkeypatch)
+    calls = []
+
+    class Fake(bench.PreparedRecipe):
+        def step(self):
+            calls.append(self.name)
+            return float(len(calls))  # a distinct "time" per call, to see which were kept
+
+    prepared = [Fake(name, {}, None, None, None) for name in ("a", "b", "c")]
+    bench.time_recipes(prepared, steps=3, warmup_steps=2, interleave=interleave)
+    if interleave:
+        assert calls == ["a", "b", "c"] * 5
+        assert [p.times for p in prepared] == [[7.0, 10.0, 13.0], [8.0, 11.0, 14.0], [9.0, 12.0, 15.0]]
+    else:
+        assert calls == ["a"] * 5 + ["b"] * 5 + ["c"] * 5
+        assert [p.times for p in prepared] == [[3.0, 4.0, 5.0], [8.0, 9.0, 10.0], [13.0, 14.0, 15.0]]
+
+
+def test_initial_params_are_shared_per_architecture_and_survive_donation(monkeypatch):
+    """The suite initialises each architecture once: the cached parameters equal a fresh
+    ``model.init`` with the same key, and each recipe gets its own device buffers (the
+    train step donates its state, so a shared buffer would be invalid for the next)."""
+    import jax
+    import numpy as np
+
+    import unidiff.models as um
+
+    bench = _load_bench(monkeypatch)
 
     model = um.Model(um.ModelConfig(image_size=8, patch_size=2, in_channels=3, width=32, depth=1,
                                     decoder_depth=1, num_heads=2))
