@@ -30,9 +30,10 @@ The table also shows each recipe's step time relative to DiT's (measured in the 
 run) next to the FLOP model's prediction of that ratio.
 
 Presets (individual flags override them):
-  * ``cpu``: S/4 at 64x64, batch 4, float32, 10 timed steps after 1 warm-up step: 2.6 to
-    2.75 minutes for the five recipes on 2 CPU cores, 56-61 s of it compiling five 16-block
-    models. 64x64 keeps the paper's 256 tokens, so the recipes' token ratios (and the FLOP
+  * ``cpu``: S/4 at 64x64, batch 4, float32, 10 timed steps after 1 warm-up step: 2.5
+    minutes for the five recipes on 2 CPU cores, 51-52 s of it compiling five 16-block
+    models; about 6 GiB of memory, with all five states held for the interleaved steps.
+    64x64 keeps the paper's 256 tokens, so the recipes' token ratios (and the FLOP
     model's predictions) are those of the paper's B/4 at 64x64. Batch 4 gives the same
     MFU and step-time ratios as batch 8 (measured) in half the stepping time.
   * ``paper``: B/4 at 64x64, batch 256 per device, bfloat16 (a GPU or TPU).
