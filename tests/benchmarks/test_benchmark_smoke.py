@@ -141,3 +141,31 @@ def test_initial_params_are_shared_per_architecture_and_survive_donation(monkeyp
     for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(model.init(jax.random.key(4)))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(fresh)))
+
+
+def test_fill_init_cache_equals_separate_inits(monkeypatch):
+    """One jitted init for several architectures gives each one exactly the parameters
+    of its own ``model.init`` (bitwise), under the keys ``_initial_params`` looks up."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    import unidiff.models as um
+
+    bench = _load_bench(monkeypatch)
+    base = um.ModelConfig(image_size=8, patch_size=2, in_channels=3, width=32, depth=1,
+                          decoder_depth=1, num_heads=2)
+    configs = [base, dataclasses.replace(base, depth=2), base]  # a repeat is initialised once
+    key = jax.random.key(5)
+    cache: dict = {}
+    bench.fill_init_cache(configs, key, cache)
+    assert len(cache) == 2
+    for cfg in configs[:2]:
+        model = um.Model(cfg)
+        got = bench._initial_params(model, key, cache)
+        assert len(cache) == 2  # served from the cache, not initialised again
+        want = model.init(key)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
