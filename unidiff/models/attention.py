@@ -5,15 +5,17 @@ The qkv projection is one Dense(3W) and the output projection one Dense(W)
 (B*N, W) rows. The qkv output is transposed once to (3, B, H, N, D), so q, k, v are
 heads-major and the attention matmuls need no further transposes, forward or
 backward; the (B, H, N, D) output goes back to (B*N, W) rows, once, for the output
-projection. Each transpose is one copy, shared by the dense layer's forward dot and
-its weight-gradient dot. (Applying the projections as einsums over a heads-major view
-of the weights instead made XLA:CPU transpose the activations and gradients inside
-every projection dot: in one-process A/Bs of the S/4 DiT-recipe step at batch 4, the
-qkv einsum cost 1.2% and the output-projection einsum 2.3%, README "Performance".) The softmax is normalised after the PV matmul (divide the
-(B, H, N, D) output, not the (B, H, N, N) probabilities). Logits, exp and the
-normaliser are float32 for bfloat16 inputs too. Reading q, k, v as slices of the last
-axis of the (B, N, 3W) output, and ``jax.nn.dot_product_attention``'s (B, N, H, D)
-layout, were slower still (README "Performance").
+projection. In the backward pass the same two transposes run in reverse, and the
+projections' input- and weight-gradient dots read their results without copies of
+their own. (Applying the projections as einsums over a heads-major view of the
+weights instead made XLA:CPU transpose activations and gradients inside the
+projection dots: in one-process A/Bs of the S/4 DiT-recipe step at batch 4, the qkv
+einsum cost 1.2% and the output-projection einsum 2.3%; README "Performance".) The
+softmax is normalised after the PV matmul (divide the (B, H, N, D) output, not the
+(B, H, N, N) probabilities). Logits, exp and the normaliser are float32 for bfloat16
+inputs too. Reading q, k, v as slices of the last axis of the (B, N, 3W) output, and
+``jax.nn.dot_product_attention``'s (B, N, H, D) layout, were slower (README
+"Performance").
 
 Relative position bias (MDT, BEiT-style): each block owns a table of (2g-1)^2 x H
 learned values for a g x g grid; token pair (i, j) reads entry
