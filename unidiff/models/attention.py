@@ -10,12 +10,12 @@ projections' input- and weight-gradient dots read their results without copies o
 their own. (Applying the projections as einsums over a heads-major view of the
 weights instead made XLA:CPU transpose activations and gradients inside the
 projection dots: in one-process A/Bs of the S/4 DiT-recipe step at batch 4, the qkv
-einsum cost 1.2% and the output-projection einsum 2.3%; README "Performance".) The
+einsum cost 1.2% and the output-projection einsum 2.3%; benchmarks/README.md.) The
 softmax is normalised after the PV matmul (divide the (B, H, N, D) output, not the
 (B, H, N, N) probabilities). Logits, exp and the normaliser are float32 for bfloat16
 inputs too. Reading q, k, v as slices of the last axis of the (B, N, 3W) output, and
-``jax.nn.dot_product_attention``'s (B, N, H, D) layout, were slower (README
-"Performance").
+``jax.nn.dot_product_attention``'s (B, N, H, D) layout, were slower
+(benchmarks/README.md).
 
 Relative position bias (MDT, BEiT-style): each block owns a table of (2g-1)^2 x H
 learned values for a g x g grid; token pair (i, j) reads entry

@@ -31,8 +31,8 @@ class Dense(hk.Linear):
     activation or of the gradient (one (W, B*N) copy per layer, every step). On the
     (B*N, W) view the same dot contracts one axis and runs without the copy. Measured
     with ``benchmarks/step_throughput.py``'s step: S/4 DiT at 64x64, batch 32, 8.38
-    against 9.54 s per step together with the attention projections (README
-    "Performance").
+    against 9.54 s per step together with the attention projections
+    (benchmarks/README.md).
     """
 
     def __call__(self, x: Float[Array, "... i"], *, precision=None) -> Float[Array, "... o"]:
