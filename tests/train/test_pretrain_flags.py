@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.e2e_helpers import run_binary
+from tests.e2e_helpers import read_metrics, run_binary
 from unidiff.train import loop
 from unidiff.train.config import ConfigError, TrainConfig
 
@@ -27,6 +27,13 @@ CASES = [
     (dict(num_devices=4), "--num_devices"),
     (dict(batch_size=0), "--batch_size"),
     (dict(ema_decay=1.0), "--ema_decay"),
+    # NaN passes a plain `x < 0` check; inf would only fail deep inside the run.
+    (dict(base_lr=float("nan")), "--base_lr"),
+    (dict(min_lr=float("inf")), "--min_lr"),
+    (dict(weight_decay=float("nan")), "--weight_decay"),
+    (dict(grad_clip=float("nan")), "--grad_clip"),
+    (dict(train_steps=0, epochs=float("inf")), "--epochs"),
+    (dict(model="N/0"), "--model"),
 ]
 
 
@@ -52,6 +59,38 @@ def test_changing_model_under_existing_workdir_is_rejected(tmp_path):
     loop.prepare(cfg)  # same flags: fine
     with pytest.raises(ConfigError, match="--model: 'N/4' differs from 'N/2'"):
         loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "model": "N/4"}))
+
+
+@pytest.mark.parametrize("flag,old,new", [("ema_decay", 0.0, 0.999), ("ema_decay", 0.999, 0.0),
+                                          ("grad_clip", 1.0, 0.0), ("grad_clip", 0.0, 1.0)])
+def test_switching_ema_or_clipping_under_existing_workdir_is_rejected(tmp_path, flag, old, new):
+    """EMA and clipping on or off decide the checkpoint's structure; their values may change."""
+    cfg = TrainConfig(workdir=str(tmp_path), **{**BASE, flag: old})
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_json()))
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(ConfigError, match=f"--{flag}: {new!r} turns .* {old!r}"):
+        loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, flag: new}))
+    assert (tmp_path / "config.json").read_text() == before
+    if old > 0:  # another nonzero value keeps the same structure
+        loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, flag: old / 2}))
+
+
+@pytest.mark.parametrize("content", ['{"recipe": "umd",\n', "[1, 2]"])
+def test_unreadable_config_json_is_named(tmp_path, content):
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ConfigError, match="--workdir: .*config.json"):
+        loop.prepare(TrainConfig(workdir=str(tmp_path), **BASE))
+
+
+def test_fresh_start_drops_records_of_a_run_killed_before_its_first_checkpoint(tmp_path, tiny_args):
+    """A run killed before any checkpoint left metrics.jsonl records; starting again must
+    not append to them (they would repeat steps 1, 2, ... in the file)."""
+    stale = [{"step": s, "loss": 9.0} for s in range(1, 11)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    run_binary("pretrain.py", tiny_args + ["--train_steps=3", f"--workdir={tmp_path}"])
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["loss"] != 9.0 for r in records)
 
 
 def test_cli_exits_2_with_one_error_line(tmp_path, tiny_args):

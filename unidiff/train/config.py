@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -77,13 +78,18 @@ class TrainConfig:
             fail("arch", f"got {self.arch!r}, expected one of {', '.join(ARCHS)}")
         if self.batch_size < 1:
             fail("batch_size", f"must be >= 1, got {self.batch_size}")
+        if not math.isfinite(self.epochs):
+            fail("epochs", f"must be a finite number, got {self.epochs}")
         if (self.train_steps > 0) == (self.epochs > 0):
             fail("train_steps", "set exactly one of --train_steps or --epochs to a positive value")
         if self.image_size < 0:
             fail("image_size", f"must be >= 0 (0 = native size), got {self.image_size}")
         for flag in ("base_lr", "min_lr", "weight_decay"):
-            if getattr(self, flag) < 0:
-                fail(flag, f"must be >= 0, got {getattr(self, flag)}")
+            v = getattr(self, flag)
+            if not (math.isfinite(v) and v >= 0):  # written so that NaN fails too
+                fail(flag, f"must be a finite number >= 0, got {v}")
+        if not math.isfinite(self.grad_clip):
+            fail("grad_clip", f"must be a finite number (<= 0 disables clipping), got {self.grad_clip}")
         for flag in ("b1", "b2", "ema_decay"):
             v = getattr(self, flag)
             if not 0.0 <= v < 1.0:
@@ -123,14 +129,31 @@ class TrainConfig:
                    "r_t0", "m_t0", "m_t", "class_conditional", "num_cls_tokens",
                    "compute_dtype", "seed")
 
+    # Whether these are on decides the checkpoint's structure (EMA parameters; the clip's
+    # optimizer state), so a resumed run cannot switch them; their values may change.
+    RESUME_SWITCHES = {"ema_decay": "EMA", "grad_clip": "gradient clipping"}
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def check_resume_compatible(self, path: str) -> None:
         if not os.path.exists(path):
             return
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--workdir: cannot read {path} ({e}); repair it or use a new --workdir") from None
+        if not isinstance(old, dict):
+            raise ConfigError(f"--workdir: {path} is not a JSON object; repair it or use a new --workdir")
+        for key, what in self.RESUME_SWITCHES.items():
+            if key in old and (old[key] > 0) != (getattr(self, key) > 0):
+                state = "on" if getattr(self, key) > 0 else "off"
+                raise ConfigError(
+                    f"--{key}: {getattr(self, key)!r} turns {what} {state}, but the run in {path} has "
+                    f"{old[key]!r}; its checkpoints cannot be resumed that way. Use a new --workdir "
+                    f"or keep {what} {'off' if state == 'on' else 'on'}"
+                )
         for key in self.RESUME_KEYS:
             if key in old and old[key] != getattr(self, key):
                 raise ConfigError(

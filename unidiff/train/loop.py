@@ -77,8 +77,8 @@ def model_config_for(cfg: TrainConfig, image_size: int, channels: int, num_class
     arch = cfg.resolved_arch()
     variant = cfg.model
     patch = variant.rsplit("/", 1)[-1]
-    if not patch.isdigit():
-        raise ConfigError(f"--model: expected a variant like 'B/4' (size/patch), got {variant!r}")
+    if not patch.isdigit() or int(patch) < 1:
+        raise ConfigError(f"--model: expected a variant like 'B/4' (size/positive patch size), got {variant!r}")
     if image_size % int(patch):
         raise ConfigError(
             f"--image_size {image_size} is not divisible by the patch size {patch} of --model {variant}"
@@ -193,8 +193,6 @@ def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) 
     os.makedirs(cfg.workdir, exist_ok=True)
     config_path = os.path.join(cfg.workdir, "config.json")
     cfg.check_resume_compatible(config_path)  # again: the workdir may have changed since prepare
-    if jax.process_index() == 0:
-        ckpt_lib.write_json_atomic(config_path, cfg.to_json())
     metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
 
     mesh = make_mesh(run.num_devices)
@@ -237,12 +235,16 @@ def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) 
         abstract = jax.eval_shape(
             lambda: init_state(model.init(init_key), optimizer, state_key, cfg.ema_decay > 0))
         state = checkpointer.restore(abstract, data_iter, start)
-        if jax.process_index() == 0:
-            _truncate_metrics(metrics_path, start)
         log.info("resumed from %s at step %d", checkpointer.directory, start)
     else:
         state = fresh_state()
         start = 0
+    if jax.process_index() == 0:
+        # Only now: a restore that fails leaves config.json describing the checkpoints.
+        ckpt_lib.write_json_atomic(config_path, cfg.to_json())
+        # Records past the checkpoint (all of them on a fresh start: a run killed before
+        # its first checkpoint) are re-logged by the steps that follow.
+        _truncate_metrics(metrics_path, start)
     state = replicate(state, mesh)
 
     stop = _Stop()
