@@ -55,6 +55,7 @@ from typing import Any
 
 from absl import app, flags
 
+from unidiff.outputs import atomic_write, check_output_file
 from unidiff.runtime import tune_host_allocator
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
@@ -169,6 +170,19 @@ def model_config(opts: Options, recipe_name: str):
                       compute_dtype=opts.compute_dtype, class_conditional=opts.num_classes > 0)
     cfg.validate()
     return cfg.resolved_arch(), model_config_for(cfg, opts.image_size, opts.channels, opts.num_classes)
+
+
+def check_recipes(opts: Options) -> None:
+    """Every recipe's architecture builds at these settings and its masks fit the tokens;
+    ValueError naming the flag otherwise (before anything is measured)."""
+    from unidiff import corruption as uc
+
+    for name in opts.recipes:
+        _, mcfg = model_config(opts, name)
+        try:
+            uc.recipes.get(name).validate_for(mcfg.num_tokens)
+        except ValueError as e:
+            raise ValueError(f"--recipes {name}: {e} (the image has {mcfg.num_tokens} tokens)") from None
 
 
 def _peak_memory(device) -> int | None:
@@ -404,6 +418,7 @@ def run_suite(opts: Options, log=print) -> list[dict[str, Any]]:
     import jax
 
     opts.validate()
+    check_recipes(opts)
     device = jax.devices()[0]
     log(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; "
         f"model {opts.model}, {opts.image_size}x{opts.image_size}, batch {opts.batch_size}, "
@@ -481,11 +496,14 @@ def main(argv: list[str]) -> None:
     try:
         opts = options_from_flags()
         opts.validate()
-    except ValueError as e:
+        check_recipes(opts)
+        if _JSON.value:
+            check_output_file("json", _JSON.value)
+    except ValueError as e:  # ConfigError included
         raise app.UsageError(str(e)) from None
     records = run_suite(opts, log=lambda s: print(s, flush=True))
     if _JSON.value:
-        with open(_JSON.value, "w") as f:
+        with atomic_write(_JSON.value, "w") as f:
             json.dump(records, f, indent=1)
         print(f"wrote {len(records)} records to {_JSON.value}", file=sys.stderr)
 

@@ -33,6 +33,7 @@ import zipfile
 
 from absl import app, flags
 
+from unidiff.outputs import check_output_file
 from unidiff.runtime import tune_host_allocator
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
@@ -150,6 +151,16 @@ def main(argv):
         if FLAGS.save_stats and not FLAGS.ref_dataset:
             raise UsageError("--save_stats: saves statistics computed from --ref_dataset; "
                              "give --ref_dataset")
+        if FLAGS.save_sample_stats and not FLAGS.samples:
+            raise UsageError("--save_sample_stats: saves the statistics of --samples; give --samples")
+        inputs = {"samples": FLAGS.samples, "ref_stats": FLAGS.ref_stats,
+                  "inception_weights": FLAGS.inception_weights}
+        for flag in ("save_stats", "save_sample_stats"):
+            if getattr(FLAGS, flag):
+                check_output_file(flag, getattr(FLAGS, flag), inputs)  # a ValueError names the flag
+        if FLAGS.save_stats and FLAGS.save_sample_stats and (
+                os.path.abspath(FLAGS.save_stats) == os.path.abspath(FLAGS.save_sample_stats)):
+            raise UsageError("--save_sample_stats: the same file as --save_stats; give two paths")
         if FLAGS.batch_size < 1:
             raise UsageError(f"--batch_size: must be >= 1, got {FLAGS.batch_size}")
         if FLAGS.is_splits < 1:

@@ -75,8 +75,13 @@ def main(argv):
         if not os.path.exists(pre_cfg_path):
             raise ConfigError(f"--init_from {FLAGS.init_from}: no config.json there; "
                               "is it a pretrain.py workdir?")
-        with open(pre_cfg_path) as f:
-            pre = json.load(f)
+        try:
+            with open(pre_cfg_path) as f:
+                pre = json.load(f)
+            if not isinstance(pre, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--init_from {FLAGS.init_from}: cannot read {pre_cfg_path} ({e})") from None
         fixed = {k: pre[k] for k in INHERITED if k in pre}
         run = loop.prepare(cli.config_from_flags(FLAGS, **fixed))
     except (ConfigError, ValueError) as e:

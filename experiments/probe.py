@@ -21,6 +21,7 @@ Prints a readable line and then one line of JSON with the result.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 
@@ -105,8 +106,8 @@ def main(argv):
             raise UsageError(f"--batch_size: must be >= 1, got {FLAGS.batch_size}")
         if FLAGS.max_test < 0:
             raise UsageError(f"--max_test: must be >= 0, got {FLAGS.max_test}")
-        if FLAGS.l2 < 0:
-            raise UsageError(f"--l2: must be >= 0, got {FLAGS.l2}")
+        if not (math.isfinite(FLAGS.l2) and FLAGS.l2 >= 0):
+            raise UsageError(f"--l2: must be a finite number >= 0, got {FLAGS.l2}")
         num_steps = trained.schedule.num_steps
         noise_t = FLAGS.noise_t if FLAGS.noise_t >= 0 else (50 if trained.noisy_only else 0)
         if FLAGS.noise_t < -1 or noise_t > num_steps:

@@ -26,6 +26,7 @@ import time
 
 from absl import app, flags
 
+from unidiff.outputs import atomic_write, check_output_file
 from unidiff.runtime import tune_host_allocator
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
@@ -99,8 +100,8 @@ def check_flags(num_classes: int, num_steps: int, has_x0_head: bool) -> None:
     if num_classes == 0 and FLAGS.guidance != 1.0:
         raise UsageError(f"--guidance {FLAGS.guidance}: classifier-free guidance needs a "
                          "class-conditional model (finetune.py); use --guidance=1")
-    if FLAGS.guidance_power <= 0:
-        raise UsageError(f"--guidance_power: must be > 0, got {FLAGS.guidance_power}")
+    if not (math.isfinite(FLAGS.guidance_power) and FLAGS.guidance_power > 0):
+        raise UsageError(f"--guidance_power: must be a finite number > 0, got {FLAGS.guidance_power}")
     if FLAGS.head == "x0" and not has_x0_head:
         raise UsageError("--head x0: this model has no x0 head (it predicts eps only); "
                          "use --head=eps")
@@ -112,10 +113,13 @@ def output_paths(workdir: str) -> tuple[str, str]:
     out = FLAGS.out or os.path.join(workdir, "samples.png")
     if not out.lower().endswith(".png"):
         raise UsageError(f"--out {out}: expected a path ending in .png")
-    parent = os.path.dirname(os.path.abspath(out))
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise UsageError(f"--out {out}: {parent} is not a directory")
-    return out, out[:-4] + ".npz"
+    npz = out[:-4] + ".npz"
+    try:
+        check_output_file("out", out)
+        check_output_file("out", npz)  # written beside the .png
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return out, npz
 
 
 def to_uint8(images):
@@ -216,21 +220,21 @@ def main(argv):
         return 1
     print(f"sampled {n} in {time.perf_counter() - start:.1f}s", flush=True)
 
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     if trained.latent:
-        with open(out_npz, "wb") as f:
+        with atomic_write(out_npz) as f:
             np.savez(f, latents=samples, labels=labels_all)
         print(f"wrote {out_npz} (latents: decode them to images before viewing; no PNG)")
         return 0
     images = to_uint8(samples)
-    with open(out_npz, "wb") as f:
+    with atomic_write(out_npz) as f:
         np.savez(f, images=images, labels=labels_all)
     from PIL import Image
 
     ncols = len(label_list) if label_list is not None and len(label_list) > 1 else math.ceil(math.sqrt(n))
     zoom = FLAGS.zoom or max(1, -(-64 // h))
     grid = make_grid(images, ncols, zoom)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(out_png)
+    with atomic_write(out_png) as f:
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(f, format="PNG")
     print(f"wrote {out_png} and {out_npz}")
     return 0
 

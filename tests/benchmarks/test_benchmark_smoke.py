@@ -73,10 +73,18 @@ def test_paper_preset_runs_in_bfloat16_with_overrides(tmp_path):
     assert rec["timing"] == "sequential"
 
 
-def test_bad_flag_names_the_flag(tmp_path):
-    proc = _run(tmp_path, "--recipes=dit,nope", "--steps=1")
+@pytest.mark.parametrize("args,needles", [
+    (["--recipes=dit,nope"], ("--recipes", "nope")),
+    (["--model=N/0"], ("--model", "N/0")),
+    (["--model=N/2", "--image_size=9"], ("--image_size 9",)),
+    (["--json={tmp}"], ("--json", "is a folder")),
+])
+def test_bad_flag_names_the_flag(tmp_path, args, needles):
+    proc = _run(tmp_path, *(a.format(tmp=tmp_path) for a in args), "--steps=1")
     assert proc.returncode != 0
-    assert "--recipes" in proc.stderr and "nope" in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-2000:]
+    assert "matmul peak" not in proc.stdout  # refused before anything was measured
 
 
 def _load_bench(monkeypatch):

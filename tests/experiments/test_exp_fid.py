@@ -49,6 +49,17 @@ def test_fid_bad_input_names_the_flag_or_file(tmp_path):
         ([f"--samples={samples}", "--ref_dataset=digits", f"--inception_weights={text}"],
          ("--inception_weights", str(text), "convert_inception_weights")),
     ]
+    folder = tmp_path / "folder.npz"
+    folder.mkdir()
+    cases += [
+        # Outputs are checked before Inception runs; an output over an input is refused.
+        ([*good, f"--inception_weights={missing}", f"--save_sample_stats={samples}"],
+         ("--save_sample_stats", "--samples", "destroy")),
+        ([f"--samples={samples}", "--ref_dataset=digits", f"--inception_weights={missing}",
+          f"--save_stats={folder}"], ("--save_stats", "is a folder")),
+        (["--ref_dataset=digits", f"--save_stats={tmp_path / 'r.npz'}", f"--inception_weights={missing}",
+          f"--save_sample_stats={tmp_path / 'q.npz'}"], ("--save_sample_stats", "--samples")),
+    ]
     procs = [_popen(args) for args, _ in cases]
     for (args, expect), proc in zip(cases, procs):
         out, err = proc.communicate(timeout=300)
@@ -57,6 +68,7 @@ def test_fid_bad_input_names_the_flag_or_file(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("fid.py: error: "), (args, err)
         for part in expect:
             assert part in lines[0], (args, lines)
+    assert "images" in np.load(samples).files  # the samples survived
 
 
 @pytest.mark.slow

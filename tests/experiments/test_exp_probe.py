@@ -41,6 +41,7 @@ def test_probe_bad_input(tiny_pretrained, tmp_path):
         ([f"--workdir={tmp_path / 'nope'}"], "--workdir"),
         ([f"--workdir={tiny_pretrained}", "--test_split=bogus"], "--train_split/--test_split"),
         ([f"--workdir={tiny_pretrained}", "--pixels", "--random_init"], "--random_init"),
+        ([f"--workdir={tiny_pretrained}", "--pixels", "--l2=nan"], "--l2"),
     ]
     procs = [subprocess.Popen([sys.executable, str(ROOT / "experiments" / "probe.py"), *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,

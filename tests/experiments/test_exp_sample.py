@@ -72,6 +72,9 @@ BAD = [
     ("ft", ["--steps=0"], "--steps"),
     ("ft", ["--out=grid.jpg"], "--out"),
     ("nockpt", [], ("--workdir", "no checkpoint")),
+    # An output path that cannot be written is refused before sampling; {tmp}/d.png is a folder.
+    ("ft", ["--out={tmp}/d.png"], ("--out", "is a folder")),
+    ("ft", ["--guidance=2", "--guidance_schedule=power_cosine", "--guidance_power=nan"], "--guidance_power"),
     ("missing", [], "--workdir"),
 ]
 
@@ -80,13 +83,15 @@ def test_bad_input_exits_with_one_line_naming_the_flag(tiny_pretrained, tiny_fin
     nockpt = tmp_path / "nockpt"
     nockpt.mkdir()
     shutil.copy(tiny_finetuned / "config.json", nockpt / "config.json")
+    (tmp_path / "d.png").mkdir()
+    (tmp_path / "d.npz").write_bytes(b"an earlier result")
     dirs = {"ft": tiny_finetuned, "pre": tiny_pretrained, "nockpt": nockpt,
             "missing": tmp_path / "does_not_exist"}
     # Started together: each fails before compiling anything.
     procs = [
         (case, subprocess.Popen(
             [sys.executable, str(ROOT / "experiments" / "sample.py"), f"--workdir={dirs[case[0]]}",
-             f"--out={tmp_path / 'x.png'}", *case[1]],
+             f"--out={tmp_path / 'x.png'}", *(a.format(tmp=tmp_path) for a in case[1])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
             env={**os.environ, "JAX_PLATFORMS": "cpu"}))
         for case in BAD
@@ -100,3 +105,4 @@ def test_bad_input_exits_with_one_line_naming_the_flag(tiny_pretrained, tiny_fin
         for part in (expect if isinstance(expect, tuple) else (expect,)):
             assert part in lines[0], (extra, lines)
     assert not (tmp_path / "x.png").exists()
+    assert (tmp_path / "d.npz").read_bytes() == b"an earlier result"

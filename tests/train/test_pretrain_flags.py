@@ -93,6 +93,26 @@ def test_fresh_start_drops_records_of_a_run_killed_before_its_first_checkpoint(t
     assert all(r["loss"] != 9.0 for r in records)
 
 
+def test_init_from_without_a_complete_checkpoint_is_rejected(tmp_path):
+    """What a pretraining run killed before its first checkpoint leaves behind."""
+    pre = tmp_path / "pre"
+    (pre / "checkpoints").mkdir(parents=True)
+    (pre / "config.json").write_text(json.dumps(TrainConfig(workdir=str(pre), **BASE).to_json()))
+    with pytest.raises(ConfigError, match="--init_from .*no complete checkpoint"):
+        loop.prepare(TrainConfig(workdir=str(tmp_path / "ft"), init_from=str(pre), **BASE))
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "file_parent"])
+def test_workdir_that_cannot_be_a_folder_is_rejected(tmp_path, kind):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    workdir = afile if kind == "file" else afile / "w"
+    with pytest.raises(ConfigError, match="--workdir .*(is a file|not a folder)"):
+        loop.prepare(TrainConfig(workdir=str(workdir), **BASE))
+    assert afile.read_text() == "x"
+
+
 def test_cli_exits_2_with_one_error_line(tmp_path, tiny_args):
     proc = run_binary("pretrain.py", tiny_args + ["--train_steps=2", f"--workdir={tmp_path}",
                                                   "--m_t=1.0"], check=False)

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float
 
+from unidiff.outputs import atomic_write
+
 
 class RunningStats:
     """Streaming mean and unbiased covariance (like ``numpy.cov(x, rowvar=False)``).
@@ -145,7 +147,7 @@ def save_stats(path: str | os.PathLike, mu: Float[Any, "d"], sigma: Float[Any, "
     """Write reference statistics as ``.npz`` with keys ``mu`` and ``sigma`` (float64)."""
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     _check_stats(mu, sigma, f"statistics for {os.fspath(path)!r}")
-    with open(path, "wb") as f:
+    with atomic_write(os.fspath(path)) as f:
         np.savez(f, mu=mu, sigma=sigma)
 
 

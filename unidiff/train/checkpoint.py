@@ -16,6 +16,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from unidiff.outputs import atomic_write
 from unidiff.train.state import TrainState
 
 
@@ -66,6 +67,17 @@ class Checkpointer:
         self.manager.close()
 
 
+def latest_step(workdir: str) -> int | None:
+    """The newest complete checkpoint step under ``workdir/checkpoints``, or None."""
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+        return None
+    mngr = ocp.CheckpointManager(directory, item_names=("state", "data"))
+    step = mngr.latest_step()
+    mngr.close()
+    return step
+
+
 def restore_params(workdir: str, use_ema: bool = True) -> tuple[Any, int]:
     """Load only the (EMA, if present and asked) parameters of a workdir's latest step.
 
@@ -91,9 +103,5 @@ def restore_params(workdir: str, use_ema: bool = True) -> tuple[Any, int]:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -12,6 +12,8 @@ import math
 import os
 from typing import Any
 
+from unidiff.outputs import check_output_dir
+
 RECIPES = ("umd", "umd_finetune", "mae", "dit", "maskdit", "mdt", "usp")
 ARCHS = ("auto", "umd", "umd_no_adaln", "mae", "mdt", "maskdit", "dit")
 # The UMD paper runs every baseline on the same encoder-decoder, MAE without AdaLN;
@@ -72,6 +74,10 @@ class TrainConfig:
 
         if not self.workdir:
             fail("workdir", "is required (a directory for checkpoints and metrics)")
+        try:
+            check_output_dir("workdir", self.workdir)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.recipe not in RECIPES:
             fail("recipe", f"got {self.recipe!r}, expected one of {', '.join(RECIPES)}")
         if self.arch not in ARCHS:

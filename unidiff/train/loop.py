@@ -24,6 +24,7 @@ import numpy as np
 from unidiff import corruption as uc
 from unidiff import data as ud
 from unidiff import models as um
+from unidiff.outputs import atomic_write
 from unidiff.train import checkpoint as ckpt_lib
 from unidiff.train.config import ConfigError, TrainConfig
 from unidiff.train.optim import OptimConfig, lr_schedule, make_optimizer
@@ -132,6 +133,9 @@ def prepare(cfg: TrainConfig) -> Run:
         raise ConfigError(f"--batch_size: {e}") from None
     if cfg.init_from and not os.path.isdir(os.path.join(cfg.init_from, "checkpoints")):
         raise ConfigError(f"--init_from {cfg.init_from}: no checkpoints/ directory there")
+    if cfg.init_from and ckpt_lib.latest_step(cfg.init_from) is None:
+        raise ConfigError(f"--init_from {cfg.init_from}: no complete checkpoint under checkpoints/ "
+                          "(was its pretraining stopped before the first one?)")
 
     if cfg.train_steps > 0:
         total = cfg.train_steps
@@ -170,10 +174,8 @@ def _truncate_metrics(path: str, last_step: int) -> None:
                     keep.append(line if line.endswith("\n") else line + "\n")
             except (ValueError, KeyError):
                 continue  # a line torn by a kill
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         f.writelines(keep)
-    os.replace(tmp, path)
 
 
 def _fmt_eta(seconds: float) -> str:
