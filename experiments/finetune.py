@@ -12,7 +12,6 @@ workdir's config.json. Logging, checkpointing and resume are those of pretrain.p
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -64,7 +63,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from unidiff.train import checkpoint as ckpt_lib
     from unidiff.train import loop
-    from unidiff.train.config import ConfigError
+    from unidiff.train.config import ConfigError, read_config_json
 
     loop.setup_logging()
     try:
@@ -75,13 +74,7 @@ def main(argv):
         if not os.path.exists(pre_cfg_path):
             raise ConfigError(f"--init_from {FLAGS.init_from}: no config.json there; "
                               "is it a pretrain.py workdir?")
-        try:
-            with open(pre_cfg_path) as f:
-                pre = json.load(f)
-            if not isinstance(pre, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--init_from {FLAGS.init_from}: cannot read {pre_cfg_path} ({e})") from None
+        pre = read_config_json(pre_cfg_path, "init_from")
         fixed = {k: pre[k] for k in INHERITED if k in pre}
         run = loop.prepare(cli.config_from_flags(FLAGS, **fixed))
     except (ConfigError, ValueError) as e:

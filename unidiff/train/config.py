@@ -25,6 +25,18 @@ class ConfigError(ValueError):
     """A bad flag; the message names it."""
 
 
+def read_config_json(path: str, flag: str) -> dict[str, Any]:
+    """A workdir's ``config.json`` as a dict; ConfigError naming ``--flag`` and the file."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--{flag}: cannot read {path} ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--{flag}: {path} is not a JSON object of training flags")
+    return raw
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     workdir: str
@@ -145,13 +157,7 @@ class TrainConfig:
     def check_resume_compatible(self, path: str) -> None:
         if not os.path.exists(path):
             return
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--workdir: cannot read {path} ({e}); repair it or use a new --workdir") from None
-        if not isinstance(old, dict):
-            raise ConfigError(f"--workdir: {path} is not a JSON object; repair it or use a new --workdir")
+        old = read_config_json(path, "workdir")
         for key, what in self.RESUME_SWITCHES.items():
             if key in old and (old[key] > 0) != (getattr(self, key) > 0):
                 state = "on" if getattr(self, key) > 0 else "off"

@@ -11,7 +11,6 @@ that model. Every failure is a ``ConfigError`` naming the flag or file.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -22,7 +21,7 @@ from unidiff import corruption as uc
 from unidiff import data as ud
 from unidiff import models as um
 from unidiff.train import checkpoint as ckpt_lib
-from unidiff.train.config import ConfigError, TrainConfig
+from unidiff.train.config import ConfigError, TrainConfig, read_config_json
 from unidiff.train.loop import model_config_for
 
 
@@ -62,13 +61,7 @@ def read_config(workdir: str, flag: str = "workdir") -> TrainConfig:
     if not os.path.isfile(path):
         raise ConfigError(f"--{flag} {workdir}: no config.json there; is it a pretrain.py "
                           "or finetune.py workdir?")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object of training flags")
+    raw = read_config_json(path, flag)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         # Unknown keys may come from a newer version; everything the model needs is known.
