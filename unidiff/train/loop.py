@@ -24,7 +24,7 @@ import numpy as np
 from unidiff import corruption as uc
 from unidiff import data as ud
 from unidiff import models as um
-from unidiff.outputs import atomic_write
+from unidiff.outputs import atomic_write, check_output_dir
 from unidiff.train import checkpoint as ckpt_lib
 from unidiff.train.config import ConfigError, TrainConfig
 from unidiff.train.optim import OptimConfig, lr_schedule, make_optimizer
@@ -101,6 +101,10 @@ def model_config_for(cfg: TrainConfig, image_size: int, channels: int, num_class
 def prepare(cfg: TrainConfig) -> Run:
     """Validate everything that can be checked without compiling; raise ConfigError."""
     cfg.validate()
+    try:  # here, not in validate(): the benchmark validates configs that never train
+        check_output_dir("workdir", cfg.workdir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     cfg.check_resume_compatible(os.path.join(cfg.workdir, "config.json"))
     try:
         info = ud.validate_data(cfg.dataset, cfg.data_dir, "train")
