@@ -124,6 +124,18 @@ def test_ddpm_with_oracle_converges_to_image():
     np.testing.assert_allclose(np.asarray(got), np.asarray(x_fixed), atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_ddpm_last_step_returns_the_x0_prediction_exactly(kind):
+    """At t = 1 the posterior mean is x0 (alpha_bar_0 = 1) and its variance 0, so a denoiser
+    that always predicts x0 = 0.8 must end at 0.8 to float32 rounding; the separately
+    rounded float32 betas table had made it 0.99947 * 0.8 with the cosine schedule."""
+    s = make_schedule(kind, 1000)
+    const = lambda x_t, t, labels: (jnp.full_like(x_t, 0.8), None)  # noqa: E731
+    got = jax.jit(lambda k: ddpm_sample(const, s, k, SHAPE, head="x0", clip_x0=False))(
+        jax.random.PRNGKey(2))
+    np.testing.assert_allclose(np.asarray(got), 0.8, rtol=0, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- Gaussian data
 MU, STD = 0.3, 0.5  # data x0 ~ N(MU, STD^2) per coordinate
 

@@ -196,16 +196,20 @@ def ddpm_sample(
     ts = jnp.arange(num_steps, 0, -1, dtype=jnp.int32)
     key_init, key_steps = jax.random.split(key)
     step_keys = jax.random.split(key_steps, num_steps)
-    abar, betas = schedule.alphas_cumprod, schedule.betas
+    abar = schedule.alphas_cumprod
     post_var = posterior_variance(schedule)
     b = shape[0]
 
     def body(x, inp):
         t, k = inp
         x0, _ = predict_x0_eps(fn, schedule, x, jnp.full((b,), t, jnp.int32), labels, head, clip_x0)
-        a_t, a_prev, beta = abar[t], abar[t - 1], betas[t]
-        coef_x0 = jnp.sqrt(a_prev) * beta / (1.0 - a_t)
-        coef_xt = jnp.sqrt(1.0 - beta) * (1.0 - a_prev) / (1.0 - a_t)
+        a_t, a_prev = abar[t], abar[t - 1]
+        # beta_t as 1 - alpha_bar_t / alpha_bar_{t-1}, not the separately rounded float32
+        # betas table: at t = 1 (alpha_bar_0 = 1) this makes coef_x0 exactly 1 and coef_xt
+        # exactly 0, so the last step returns the x0 prediction, not 0.9995 of it.
+        alpha = a_t / a_prev
+        coef_x0 = jnp.sqrt(a_prev) * (1.0 - alpha) / (1.0 - a_t)
+        coef_xt = jnp.sqrt(alpha) * (1.0 - a_prev) / (1.0 - a_t)
         mean = coef_x0 * x0 + coef_xt * x
         return mean + jnp.sqrt(post_var[t]) * jax.random.normal(k, shape, x.dtype), None
 
