@@ -1,10 +1,16 @@
-"""8 simulated devices and 1 device give the same loss trajectory for the same global batch."""
+"""8 simulated devices and 1 device give the same loss trajectory, gradient and update for
+the same global batch."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 
-from tests.e2e_helpers import losses_by_step, run_binary
+from tests.e2e_helpers import ROOT, losses_by_step, read_metrics, run_binary
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
@@ -19,3 +25,53 @@ def test_eight_devices_match_one_device(tmp_path, tiny_args):
     b = np.array([eight[s] for s in range(1, 13)])
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
     assert np.ptp(a) > 1e-3  # the trajectory actually moves
+    # AdamW hardly sees a gradient scaled by the device count, so the losses alone would
+    # miss it; the logged gradient norm does not.
+    g1 = [m["grad_norm"] for m in read_metrics(tmp_path / "one")]
+    g8 = [m["grad_norm"] for m in read_metrics(tmp_path / "eight")]
+    np.testing.assert_allclose(g8, g1, rtol=2e-4)
+
+
+_SGD_STEP = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np, optax
+from unidiff import corruption as uc, models as um
+from unidiff.train.state import init_state
+from unidiff.train.step import StepConfig, make_mesh, make_train_step, replicate, shard_batch
+B = 16
+model = um.Model(um.umd_config("N/2", 8, 3))
+p0 = jax.device_get(model.init(jax.random.key(0)))
+rng = np.random.default_rng(0)
+batch = {"image": rng.uniform(-1, 1, (B, 8, 8, 3)).astype(np.float32), "label": np.zeros(B, np.int32)}
+out = {}
+for d in (1, 2, 8):
+    mesh = make_mesh(d)
+    opt = optax.sgd(1.0)  # the update is minus the gradient the step hands the optimizer
+    state = replicate(init_state(jax.tree.map(jnp.asarray, p0), opt, jax.random.key(1), use_ema=False), mesh)
+    step = make_train_step(model, uc.recipes.umd(), opt, mesh, B, StepConfig(patch_size=2, num_classes=0))
+    with jax.set_mesh(mesh):
+        state, metrics = step(state, shard_batch(batch, mesh, B))
+    upd = [np.asarray(a, np.float64) - b for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(p0))]
+    out[d] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+              "update_norm": float(np.sqrt(sum(np.sum(u ** 2) for u in upd)))}
+    np.save(f"{sys.argv[1]}/update_{d}.npy", np.concatenate([u.ravel() for u in upd]))
+json.dump(out, sys.stdout)
+"""
+
+
+def test_gradient_is_the_mean_over_devices_not_the_sum(tmp_path):
+    """One SGD step (lr 1) on 1, 2 and 8 devices: the update is the same global-mean
+    gradient, and its norm is the logged grad_norm."""
+    env = dict(os.environ, **EIGHT, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _SGD_STEP, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    one = out["1"]
+    assert one["update_norm"] > 0
+    np.testing.assert_allclose(one["update_norm"], one["grad_norm"], rtol=1e-5)
+    for d in ("2", "8"):
+        np.testing.assert_allclose(out[d]["loss"], one["loss"], rtol=1e-5)
+        np.testing.assert_allclose(out[d]["grad_norm"], one["grad_norm"], rtol=1e-4)
+        np.testing.assert_allclose(np.load(tmp_path / f"update_{d}.npy"), np.load(tmp_path / "update_1.npy"),
+                                   rtol=1e-3, atol=1e-7)

@@ -115,6 +115,12 @@ def make_train_step(
         return uc.umd_loss(recipe, schedule, branches, tuple(preds))
 
     def local_grads(params, images, labels, keys):
+        if num_devices > 1:
+            # The parameters are replicated (invariant over the data axis). Differentiated
+            # as such, shard_map's transpose already sums their gradients over the devices,
+            # and the pmean below would then leave D times the mean. Cast to per-device
+            # values, each device's gradient stays its own and the pmean averages them.
+            params = jax.lax.pcast(params, DATA_AXIS, to="varying")
         (_, metrics), grads = jax.value_and_grad(local_loss, has_aux=True)(
             params, images, labels, keys
         )
