@@ -12,7 +12,7 @@ MaskDiT, MDT backbones), composed by ``Model``.
 Shape glossary: B batch, L tokens, K kept tokens, P = p*p*C values per patch, W width.
 """
 
-from unidiff.models.attention import Attention, bias_index, rel_pos_index
+from unidiff.models.attention import Attention, bias_index, default_head_groups, rel_pos_index
 from unidiff.models.blocks import AdaLNBlock, FinalLayer, Mlp, ViTBlock, make_block
 from unidiff.models.config import (
     FREQ_ORDERS,
@@ -35,6 +35,7 @@ from unidiff.models.layers import (
     LabelEmbed,
     LayerNorm,
     TimeEmbed,
+    add_position,
     conditioning,
     drop_labels,
     modulate,
@@ -51,7 +52,7 @@ __all__ = [
     "AdaLNBlock", "Attention", "DecoderEmbed", "Dense", "EncoderOutput", "FREQ_ORDERS", "FinalLayer",
     "LabelEmbed", "LayerNorm", "Mlp", "Model", "ModelConfig", "OUTPUT_KINDS", "POS_EMBED_KINDS",
     "Prediction", "SIZES", "TimeEmbed", "ViTBlock", "bias_index", "conditioning", "count_params",
-    "decoder_forward", "dit_config", "drop_labels", "encoder_forward", "mae_config", "make_block",
+    "add_position", "decoder_forward", "default_head_groups", "dit_config", "drop_labels", "encoder_forward", "mae_config", "make_block",
     "make_decoder", "make_encoder", "make_side_interpolater", "maskdit_config", "mdt_config",
     "modulate", "parse_variant", "position_embedding", "rel_pos_index", "side_interpolater_forward",
     "sincos_1d", "sincos_2d", "split_output", "timestep_features", "umd_config",

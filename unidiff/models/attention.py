@@ -17,6 +17,17 @@ inputs too. Reading q, k, v as slices of the last axis of the (B, N, 3W) output,
 ``jax.nn.dot_product_attention``'s (B, N, H, D) layout, were slower
 (benchmarks/README.md).
 
+Head groups: on CPU the heads are processed as two independent groups (``head_groups``,
+default ``default_head_groups()``), each with its own logits, softmax and PV matmul,
+and the outputs are concatenated. The result is the same function; the split is for
+XLA:CPU, whose YNNPACK batched matmul runs on a single thread when each matrix has at
+most 256 rows (every attention matmul at 256-260 tokens, at any batch size), and whose
+thunk executor runs independent ops on separate cores, so two groups keep both cores of
+a 2-core machine busy through attention. Accelerators get one group. A relative
+position bias shared by the whole batch gets its gradient (a sum over the batch) from a
+matmul with a ones vector, because XLA:CPU emitted that reduction, fused with the
+groups' concatenation, 20x slower. Measurements: benchmarks/README.md.
+
 Relative position bias (MDT, BEiT-style): each block owns a table of (2g-1)^2 x H
 learned values for a g x g grid; token pair (i, j) reads entry
 (dr + g - 1) * (2g - 1) + (dc + g - 1) for its row/column offsets (dr, dc). When
@@ -40,6 +51,13 @@ from jaxtyping import Array, Float, Int
 from unidiff.models.layers import dense
 
 rel_pos_init = hk.initializers.TruncatedNormal(stddev=0.02)
+
+CPU_HEAD_GROUPS = 2
+
+
+def default_head_groups() -> int:
+    """Independent head groups for the current default backend: 2 on CPU, else 1."""
+    return CPU_HEAD_GROUPS if jax.default_backend() == "cpu" else 1
 
 
 def rel_pos_index(grid: int) -> np.ndarray:
@@ -70,12 +88,21 @@ def bias_index(
 
 
 class Attention(hk.Module):
-    """Multi-head self-attention (fused qkv with bias, output projection)."""
+    """Multi-head self-attention (fused qkv with bias, output projection).
 
-    def __init__(self, num_heads: int, rel_pos_grid: int | None = None, name: str = "attn"):
+    ``head_groups``: the heads are computed in this many independent groups (at most
+    ``num_heads``; None = ``default_head_groups()``). Any value gives the same
+    function and the same parameters.
+    """
+
+    def __init__(self, num_heads: int, rel_pos_grid: int | None = None, name: str = "attn",
+                 head_groups: int | None = None):
+        if head_groups is not None and head_groups < 1:
+            raise ValueError(f"head_groups: expected >= 1, got {head_groups}")
         super().__init__(name=name)
         self.num_heads = num_heads
         self.rel_pos_grid = rel_pos_grid
+        self.head_groups = head_groups
 
     def __call__(
         self, x: Float[Array, "b n w"], index: Int[Array, "bb n n"] | None = None
@@ -87,11 +114,11 @@ class Attention(hk.Module):
         d = w // h
         qkv = dense(3 * w, "qkv")(x).reshape(b, n, 3, h, d)
         qkv = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # (3, B, H, N, D)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, D) each
-
         # Scaling q (B*N*W values) is cheaper than scaling the logits (B*H*N*N).
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q * (1.0 / np.sqrt(d)).astype(q.dtype), k,
-                            preferred_element_type=jnp.float32)
+        q = qkv[0] * (1.0 / np.sqrt(d)).astype(x.dtype)  # (B, H, N, D)
+        k, v = qkv[1], qkv[2]
+
+        bias = None
         if self.rel_pos_grid is not None:
             if index is None:
                 raise ValueError("index: relative position bias needs the bias index")
@@ -99,11 +126,50 @@ class Attention(hk.Module):
             table = hk.get_parameter("rel_pos_bias", ((2 * g - 1) ** 2, h), x.dtype, init=rel_pos_init)
             table = jnp.concatenate([table, jnp.zeros((1, h), table.dtype)], axis=0)
             bias = jnp.moveaxis(jnp.take(table, index, axis=0), -1, 1)  # (bb, H, N, N)
-            logits = logits + bias.astype(jnp.float32)
-        # The max only guards exp against overflow; the result does not depend on it.
-        e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-        out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        out = (out / jnp.sum(e, axis=-1, keepdims=True)).astype(x.dtype)
+
+        groups = min(h, self.head_groups or default_head_groups())
+        bounds = [i * h // groups for i in range(groups + 1)]
+        outs = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):  # static slices of the heads axis
+            outs.append(_attend(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi],
+                                None if bias is None else bias[:, lo:hi], x.dtype))
+        out = outs[0] if groups == 1 else jnp.concatenate(outs, axis=1)  # (B, H, N, D)
 
         out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, n, w)  # heads concatenated per token
         return dense(w, "proj")(out)
+
+
+def _attend(
+    q: Float[Array, "b g n d"], k: Float[Array, "b g n d"], v: Float[Array, "b g n d"],
+    bias: Float[Array, "bb g n n"] | None, dtype,
+) -> Float[Array, "b g n d"]:
+    """Softmax attention of one group of G heads; q is already scaled by 1/sqrt(D)."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+        bias = bias.astype(jnp.float32)
+        logits = logits + bias if bias.shape[0] > 1 else _add_shared_bias(logits, bias)
+    # The max only guards exp against overflow; the result does not depend on it.
+    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(dtype)
+
+
+@jax.custom_vjp
+def _add_shared_bias(logits: Float[Array, "b g n n"], bias: Float[Array, "1 g n n"]) -> Float[Array, "b g n n"]:
+    """logits + bias, one bias for the whole batch. The bias gradient (a sum over the
+    batch axis) is a matmul with a ones vector: XLA:CPU emits that reduction, fused with
+    its neighbours, up to 20x slower (benchmarks/README.md)."""
+    return logits + bias
+
+
+def _add_shared_bias_fwd(logits, bias):
+    return logits + bias, None
+
+
+def _add_shared_bias_bwd(_, g):
+    ones = jnp.ones((g.shape[0],), g.dtype)
+    g_bias = jax.lax.dot_general(ones, g, (((0,), (0,)), ((), ())))  # (G, N, N)
+    return g, g_bias[None]
+
+
+_add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)
