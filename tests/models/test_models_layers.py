@@ -260,15 +260,15 @@ def test_attention_head_groups_validated_and_defaulted():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("b", [1, 4, 33])
-def test_add_position_value_and_gradients(b, dtype):
-    """add_position is x + pos[None] (value and both gradients, including the table's
-    sum over the batch that it computes as a matmul)."""
+@pytest.mark.parametrize("b, rest", [(1, (6, 5)), (4, (6, 5)), (33, (6, 5)), (3, (2, 4, 4))])
+def test_add_batch_shared_value_and_gradients(b, rest, dtype):
+    """add_batch_shared is x + shared[None] (value and both gradients, including the
+    shared tensor's sum over the batch that it computes as a matmul)."""
     rng = np.random.default_rng(b)
-    x = jnp.asarray(rng.standard_normal((b, 6, 5)), dtype)
-    pos = jnp.asarray(rng.standard_normal((6, 5)), dtype)
-    ct = rng.standard_normal((b, 6, 5))
-    y, vjp = jax.vjp(jit(um.add_position), x, pos)
+    x = jnp.asarray(rng.standard_normal((b, *rest)), dtype)
+    pos = jnp.asarray(rng.standard_normal(rest), dtype)
+    ct = rng.standard_normal((b, *rest))
+    y, vjp = jax.vjp(jit(um.add_batch_shared), x, pos)
     gx, gpos = vjp(jnp.asarray(ct, dtype))
     assert y.dtype == gx.dtype == gpos.dtype == dtype
     tol = 1e-6 if dtype == jnp.float32 else 3e-2

@@ -24,9 +24,9 @@ XLA:CPU, whose YNNPACK batched matmul runs on a single thread when each matrix h
 most 256 rows (every attention matmul at 256-260 tokens, at any batch size), and whose
 thunk executor runs independent ops on separate cores, so two groups keep both cores of
 a 2-core machine busy through attention. Accelerators get one group. A relative
-position bias shared by the whole batch gets its gradient (a sum over the batch) from a
-matmul with a ones vector, because XLA:CPU emitted that reduction, fused with the
-groups' concatenation, 20x slower. Measurements: benchmarks/README.md.
+position bias shared by the whole batch is added with ``layers.add_batch_shared``, whose
+gradient (a sum over the batch) is a matmul with a ones vector, because XLA:CPU emitted
+that reduction, fused with the groups' concatenation, 20x slower. Measurements: benchmarks/README.md.
 
 Relative position bias (MDT, BEiT-style): each block owns a table of (2g-1)^2 x H
 learned values for a g x g grid; token pair (i, j) reads entry
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from unidiff.models.layers import dense
+from unidiff.models.layers import add_batch_shared, dense
 
 rel_pos_init = hk.initializers.TruncatedNormal(stddev=0.02)
 
@@ -147,29 +147,9 @@ def _attend(
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         bias = bias.astype(jnp.float32)
-        logits = logits + bias if bias.shape[0] > 1 else _add_shared_bias(logits, bias)
+        logits = logits + bias if bias.shape[0] > 1 else add_batch_shared(logits, bias[0])
     # The max only guards exp against overflow; the result does not depend on it.
     e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
     out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(dtype)
 
-
-@jax.custom_vjp
-def _add_shared_bias(logits: Float[Array, "b g n n"], bias: Float[Array, "1 g n n"]) -> Float[Array, "b g n n"]:
-    """logits + bias, one bias for the whole batch. The bias gradient (a sum over the
-    batch axis) is a matmul with a ones vector: XLA:CPU emits that reduction, fused with
-    its neighbours, up to 20x slower (benchmarks/README.md)."""
-    return logits + bias
-
-
-def _add_shared_bias_fwd(logits, bias):
-    return logits + bias, None
-
-
-def _add_shared_bias_bwd(_, g):
-    ones = jnp.ones((g.shape[0],), g.dtype)
-    g_bias = jax.lax.dot_general(ones, g, (((0,), (0,)), ((), ())))  # (G, N, N)
-    return g, g_bias[None]
-
-
-_add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)

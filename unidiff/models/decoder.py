@@ -31,7 +31,7 @@ from unidiff.corruption.masking import unshuffle_tokens
 from unidiff.models.attention import bias_index
 from unidiff.models.blocks import FinalLayer, make_block
 from unidiff.models.config import ModelConfig
-from unidiff.models.layers import LayerNorm, add_position, dense, modulate, normal_002, position_embedding
+from unidiff.models.layers import LayerNorm, add_batch_shared, dense, modulate, normal_002, position_embedding
 from unidiff.models.outputs import Prediction
 
 
@@ -91,7 +91,7 @@ def decoder_forward(
         x = unshuffle_tokens(x, ids_restore, fill)
     pos = position_embedding(cfg.decoder_pos_embed, cfg.grid_size, wd, dtype)
     if pos is not None:
-        x = add_position(x, pos)
+        x = add_batch_shared(x, pos)
     if num_extra:
         x = jnp.concatenate(extras + [x], axis=1)
 

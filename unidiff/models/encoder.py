@@ -26,7 +26,7 @@ from unidiff.corruption.masking import gather_tokens
 from unidiff.models.attention import bias_index
 from unidiff.models.blocks import make_block
 from unidiff.models.config import ModelConfig
-from unidiff.models.layers import LayerNorm, add_position, conditioning, dense, position_embedding
+from unidiff.models.layers import LayerNorm, add_batch_shared, conditioning, dense, position_embedding
 from unidiff.models.outputs import EncoderOutput
 
 
@@ -49,7 +49,7 @@ def encoder_forward(
     x = dense(w, "patch_embed")(x)
     pos = position_embedding(cfg.pos_embed, cfg.grid_size, w, dtype)
     if pos is not None:
-        x = add_position(x, pos) if ids_keep is None else x + jnp.take(pos, ids_keep, axis=0)
+        x = add_batch_shared(x, pos) if ids_keep is None else x + jnp.take(pos, ids_keep, axis=0)
 
     extras = []
     if not cfg.adaln:

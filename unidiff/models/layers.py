@@ -120,32 +120,33 @@ def position_embedding(
     return hk.get_parameter(name, (length, dim), dtype, init=init).astype(dtype)
 
 
-def add_position(x: Float[Array, "b l d"], pos: Float[Array, "l d"]) -> Float[Array, "b l d"]:
-    """``x + pos[None]``, with the same value and gradients.
+def add_batch_shared(x: Float[Array, "b *rest"], shared: Float[Array, "*rest"]) -> Float[Array, "b *rest"]:
+    """``x + shared[None]``: one tensor added to every example, same value and gradients.
 
-    The table's gradient, a sum over the batch axis, is computed as a matmul with a
-    ones vector: XLA:CPU reduces a short leading axis very slowly (for (4, 256, 384),
-    2.4 ms against 0.14 ms for the matmul; at batch 32, 19 ms against 0.25 ms;
+    Used for the position tables and MDT's batch-shared relative position bias. The
+    gradient of ``shared``, a sum over the batch axis, is computed as a matmul with a
+    ones vector: XLA:CPU reduces a short leading axis very slowly (a (4, 256, 384)
+    gradient: 2.4 ms against 0.14 ms for the matmul; at batch 32, 19 ms against 0.25 ms;
     benchmarks/README.md)."""
-    return _add_position(x, pos.astype(x.dtype))
+    return _add_batch_shared(x, shared.astype(x.dtype))
 
 
 @jax.custom_vjp
-def _add_position(x, pos):
-    return x + pos[None]
+def _add_batch_shared(x, shared):
+    return x + shared[None]
 
 
-def _add_position_fwd(x, pos):
-    return x + pos[None], None
+def _add_batch_shared_fwd(x, shared):
+    return x + shared[None], None
 
 
-def _add_position_bwd(_, g):
+def _add_batch_shared_bwd(_, g):
     ones = jnp.ones((g.shape[0],), g.dtype)
-    g_pos = jax.lax.dot_general(ones, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return g, g_pos.astype(g.dtype)
+    g_shared = jax.lax.dot_general(ones, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return g, g_shared.astype(g.dtype)
 
 
-_add_position.defvjp(_add_position_fwd, _add_position_bwd)
+_add_batch_shared.defvjp(_add_batch_shared_fwd, _add_batch_shared_bwd)
 
 
 # ----------------------------------------------------------------------------------

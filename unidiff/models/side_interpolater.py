@@ -26,7 +26,7 @@ from unidiff.corruption.masking import Masking, unshuffle_tokens
 from unidiff.models.attention import bias_index
 from unidiff.models.blocks import make_block
 from unidiff.models.config import ModelConfig
-from unidiff.models.layers import add_position, normal_002, position_embedding
+from unidiff.models.layers import add_batch_shared, normal_002, position_embedding
 
 
 def side_interpolater_forward(
@@ -42,9 +42,9 @@ def side_interpolater_forward(
     if masking is None:
         if k != cfg.num_tokens:
             raise ValueError(f"tokens: without masking expected {cfg.num_tokens} tokens, got {k}")
-        return add_position(tokens, pos)
+        return add_batch_shared(tokens, pos)
     mask_token = hk.get_parameter("mask_token", (w,), dtype, init=normal_002)
-    q = add_position(unshuffle_tokens(tokens, masking.ids_restore, mask_token.astype(dtype)), pos)
+    q = add_batch_shared(unshuffle_tokens(tokens, masking.ids_restore, mask_token.astype(dtype)), pos)
     grid = cfg.grid_size if cfg.rel_pos_bias else None
     index = bias_index(cfg.grid_size, 0) if cfg.rel_pos_bias else None
     block = make_block(cfg.adaln, cfg.num_heads, cfg.mlp_ratio, cfg.norm_affine, cfg.norm_eps,
