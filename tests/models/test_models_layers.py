@@ -87,6 +87,85 @@ def test_layer_norm_matches_numpy_and_keeps_dtype(affine):
     assert_close(yb.astype(jnp.float32), wantb, rtol=3e-2, atol=3e-2)
 
 
+def _composed_norm(x, eps, gamma, beta, shift, scale):
+    """LayerNorm (+ affine, + modulation) as plain jnp, float32: the reference whose
+    autodiff gradient the hand-written one must match."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, -1, keepdims=True)
+    y = (x - mean) / jnp.sqrt(jnp.mean((x - mean) ** 2, -1, keepdims=True) + eps)
+    if gamma is not None:
+        y = y * gamma.astype(jnp.float32)
+    if beta is not None:
+        y = y + beta.astype(jnp.float32)
+    if shift is not None:
+        y = um.modulate(y, shift.astype(jnp.float32), scale.astype(jnp.float32))
+    return y
+
+
+@settings(max_examples=12, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(1, 6), d=st.integers(2, 24), affine=st.sampled_from(["none", "gamma", "beta", "both"]),
+       modulated=st.booleans(), seed=st.integers(0, 2**16))
+def test_layer_norm_values_and_gradients_match_autodiff(b, n, d, affine, modulated, seed):
+    rng = np.random.default_rng(seed)
+    x = (1.5 + 2.0 * rng.standard_normal((b, n, d))).astype(np.float32)
+    gamma = (1 + 0.3 * rng.standard_normal(d)).astype(np.float32) if affine in ("gamma", "both") else None
+    beta = (0.3 * rng.standard_normal(d)).astype(np.float32) if affine in ("beta", "both") else None
+    shift, scale = ((0.3 * rng.standard_normal((b, d))).astype(np.float32) for _ in range(2)) if modulated else (None, None)
+    cot = rng.standard_normal((b, n, d)).astype(np.float32)
+    args = (x, gamma, beta, shift, scale)
+    live = tuple(i for i, a in enumerate(args) if a is not None)
+
+    def loss(norm):
+        return lambda *a: jnp.sum(norm(a[0], 1e-6, *a[1:]) * cot)
+
+    got = jax.value_and_grad(loss(um.layer_norm), argnums=live)(*args)
+    want = jax.value_and_grad(loss(_composed_norm), argnums=live)(*args)
+    assert_close(um.layer_norm(*args[:1], 1e-6, *args[1:]), _composed_norm(args[0], 1e-6, *args[1:]), 1e-5, 1e-5)
+    assert_close(got[0], want[0], 1e-4, 1e-3)
+    for g, w in zip(got[1], want[1]):
+        assert g.shape == w.shape
+        assert_close(g, w, 1e-4, 1e-4)
+
+
+def test_layer_norm_gradients_keep_input_dtypes_and_leading_axes():
+    rng = np.random.default_rng(3)
+    # No modulation: any number of leading axes; the affine gradients sum over all of them.
+    x = jnp.asarray(rng.standard_normal((2, 3, 4, 8)), jnp.bfloat16)
+    gamma, beta = jnp.ones(8, jnp.float32), jnp.zeros(8, jnp.float32)
+    y, vjp = jax.vjp(lambda x, g, b: um.layer_norm(x, 1e-6, g, b), x, gamma, beta)
+    assert y.dtype == jnp.bfloat16
+    dx, dg, db = vjp(jnp.ones_like(y))
+    assert (dx.dtype, dg.dtype, db.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
+    assert_close(db, np.full(8, 2 * 3 * 4), 0, 0)  # d beta = sum of the ones cotangent
+    # (1 + scale) and shift per example: the shift gradient is the token sum of g.
+    xm = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+    sh = sc = jnp.zeros((2, 8), jnp.bfloat16)
+    y, vjp = jax.vjp(lambda s, c: um.layer_norm(xm, 1e-6, None, None, s, c), sh, sc)
+    d_shift, d_scale = vjp(jnp.ones_like(y))
+    assert d_shift.dtype == d_scale.dtype == jnp.bfloat16
+    assert_close(d_shift.astype(jnp.float32), np.full((2, 8), 5.0), 0, 0)
+
+
+def test_layer_norm_rejects_half_or_misshaped_modulation():
+    x = jnp.zeros((2, 5, 8))
+    with pytest.raises(ValueError, match="both shift and scale"):
+        um.layer_norm(x, 1e-6, shift=jnp.zeros((2, 8)))
+    with pytest.raises(ValueError, match=r"shift, scale \(B, D\)"):
+        um.layer_norm(x, 1e-6, shift=jnp.zeros((2, 5)), scale=jnp.zeros((2, 5)))
+    with pytest.raises(ValueError, match=r"x \(B, N, D\)"):
+        um.layer_norm(jnp.zeros((2, 8)), 1e-6, shift=jnp.zeros((2, 8)), scale=jnp.zeros((2, 8)))
+
+
+def test_layer_norm_module_modulates_like_modulate():
+    f = hk.without_apply_rng(hk.transform(lambda x, s, c: um.LayerNorm(True, 1e-6)(x, s, c)))
+    g = hk.without_apply_rng(hk.transform(lambda x, s, c: um.modulate(um.LayerNorm(True, 1e-6)(x), s, c)))
+    rng = np.random.default_rng(4)
+    x, s, c = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((2, 5, 8), (2, 8), (2, 8)))
+    params = {"layer_norm": {"scale": jnp.linspace(0.5, 1.5, 8), "offset": jnp.linspace(-1, 1, 8)}}
+    assert jax.tree.structure(f.init(None, x, s, c)) == jax.tree.structure(params)
+    assert_close(f.apply(params, x, s, c), g.apply(params, x, s, c), 1e-5, 1e-5)
+
+
 def np_rel_index(g):
     idx = np.zeros((g * g, g * g), np.int64)
     for i in range(g * g):

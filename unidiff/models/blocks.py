@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from unidiff.models.attention import Attention
-from unidiff.models.layers import LayerNorm, dense, modulate
+from unidiff.models.layers import LayerNorm, dense
 
 
 @jax.custom_vjp
@@ -86,9 +86,9 @@ class AdaLNBlock(hk.Module):
         w = x.shape[-1]
         mod = dense(6 * w, "adaln", zero_init=True)(cond)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
-        h = modulate(LayerNorm(self.norm_affine, self.norm_eps, name="norm1")(x), shift_a, scale_a)
+        h = LayerNorm(self.norm_affine, self.norm_eps, name="norm1")(x, shift_a, scale_a)
         x = x + gate_a[:, None, :] * Attention(self.num_heads, self.rel_pos_grid)(h, index)
-        h = modulate(LayerNorm(self.norm_affine, self.norm_eps, name="norm2")(x), shift_m, scale_m)
+        h = LayerNorm(self.norm_affine, self.norm_eps, name="norm2")(x, shift_m, scale_m)
         return x + gate_m[:, None, :] * Mlp(int(w * self.mlp_ratio))(h)
 
 
@@ -135,8 +135,8 @@ class FinalLayer(hk.Module):
     def __call__(
         self, x: Float[Array, "b n w"], cond: Float[Array, "b c"] | None
     ) -> Float[Array, "b n o"]:
-        h = LayerNorm(self.norm_affine, self.norm_eps, name="norm")(x)
+        shift = scale = None
         if self.adaln:
             shift, scale = jnp.split(dense(2 * x.shape[-1], "adaln", zero_init=True)(cond), 2, axis=-1)
-            h = modulate(h, shift, scale)
+        h = LayerNorm(self.norm_affine, self.norm_eps, name="norm")(x, shift, scale)
         return dense(self.out_dim, "linear", zero_init=True)(h)

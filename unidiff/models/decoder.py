@@ -31,7 +31,7 @@ from unidiff.corruption.masking import unshuffle_tokens
 from unidiff.models.attention import bias_index
 from unidiff.models.blocks import FinalLayer, make_block
 from unidiff.models.config import ModelConfig
-from unidiff.models.layers import LayerNorm, add_batch_shared, dense, modulate, normal_002, position_embedding
+from unidiff.models.layers import LayerNorm, add_batch_shared, dense, normal_002, position_embedding
 from unidiff.models.outputs import Prediction
 
 
@@ -45,9 +45,8 @@ class DecoderEmbed(hk.Module):
     def __call__(self, x: Float[Array, "b n w"], cond: Float[Array, "b w"]) -> Float[Array, "b n wd"]:
         cfg = self.cfg
         if cfg.adaln:
-            x = LayerNorm(cfg.norm_affine, cfg.norm_eps, name="norm")(x)
             shift, scale = jnp.split(dense(2 * x.shape[-1], "adaln", zero_init=True)(cond), 2, axis=-1)
-            x = modulate(x, shift, scale)
+            x = LayerNorm(cfg.norm_affine, cfg.norm_eps, name="norm")(x, shift, scale)
         return dense(cfg.dec_width, "linear")(x)
 
 

@@ -1,14 +1,16 @@
 """Small building blocks: LayerNorm, modulation, patch / position / time / label embeddings.
 
 All modules are dtype-agnostic: they compute in the dtype of their input and parameters
-(e.g. bfloat16 when the caller casts both), except LayerNorm statistics and sinusoid
-features, which are computed in float32 and cast back.
+(e.g. bfloat16 when the caller casts both), except LayerNorm (statistics, affine and
+adaLN modulation) and sinusoid features, which are computed in float32 and cast back.
 
 Shape glossary: B batch, N tokens in a sequence, L = gh * gw patch tokens, K visible
 tokens, P = p*p*C values per patch, W width, F frequency features.
 """
 
 from __future__ import annotations
+
+import functools
 
 import haiku as hk
 import jax
@@ -47,24 +49,126 @@ def dense(features: int, name: str, zero_init: bool = False) -> Dense:
 
 
 class LayerNorm(hk.Module):
-    """LayerNorm over the last axis with statistics in float32; optional affine."""
+    """LayerNorm over the last axis with statistics in float32; optional affine
+    (parameters ``scale``, ``offset``); optionally followed by the adaLN modulation.
+
+    ``LayerNorm(...)(x)`` normalises; ``LayerNorm(...)(x, shift, scale)`` returns
+    ``modulate(LayerNorm(...)(x), shift, scale)`` as one op (``layer_norm``), whose
+    hand-written gradient is cheaper than the composition's.
+    """
 
     def __init__(self, affine: bool, eps: float = 1e-6, name: str | None = None):
         super().__init__(name=name)
         self.affine = affine
         self.eps = eps
 
-    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+    def __call__(
+        self, x: Float[Array, "... d"], shift: Float[Array, "b d"] | None = None,
+        scale: Float[Array, "b d"] | None = None,
+    ) -> Float[Array, "... d"]:
+        gamma = beta = None
         if self.affine:
             d = x.shape[-1]
-            scale = hk.get_parameter("scale", (d,), x.dtype, init=hk.initializers.Constant(1.0))
-            offset = hk.get_parameter("offset", (d,), x.dtype, init=zeros)
-            y = y * scale.astype(x.dtype) + offset.astype(x.dtype)
-        return y
+            gamma = hk.get_parameter("scale", (d,), x.dtype, init=hk.initializers.Constant(1.0))
+            beta = hk.get_parameter("offset", (d,), x.dtype, init=zeros)
+        return layer_norm(x, self.eps, gamma, beta, shift, scale)
+
+
+def layer_norm(
+    x: Float[Array, "... d"], eps: float, gamma: Float[Array, "d"] | None = None,
+    beta: Float[Array, "d"] | None = None, shift: Float[Array, "b d"] | None = None,
+    scale: Float[Array, "b d"] | None = None,
+) -> Float[Array, "... d"]:
+    """((x - mean) / sqrt(var + eps) * gamma + beta) * (1 + scale) + shift over the last
+    axis, in float32, cast to x's dtype. ``gamma``/``beta`` (affine) and ``shift``/
+    ``scale`` (adaLN modulation, per example: x is (B, N, D), shift and scale (B, D),
+    broadcast over tokens) are optional; modulation needs both.
+
+    The gradient is written by hand (``jax.custom_vjp``). Autodiff of the composition
+    (LayerNorm, then ``modulate``) left XLA:CPU about a dozen kernels per norm in the
+    backward pass, several materialising (B, N, D) temporaries, and four reductions over
+    tokens (shift, scale, and the affine gamma and beta). Here the backward is two
+    reductions over tokens (of g and g * xhat; the four parameter gradients are
+    combinations of those two (B, D) sums), two over the feature axis and one
+    elementwise pass for dx, with xhat recomputed from the saved mean and 1/std
+    (benchmarks/README.md).
+    """
+    if (shift is None) != (scale is None):
+        raise ValueError("layer_norm: the modulation needs both shift and scale")
+    if shift is not None and not (x.ndim == 3 and shift.shape == scale.shape == (x.shape[0], x.shape[2])):
+        raise ValueError(
+            f"layer_norm: modulation expects x (B, N, D) and shift, scale (B, D); got x {x.shape}, "
+            f"shift {shift.shape}, scale {scale.shape}"
+        )
+    return _layer_norm(x, gamma, beta, shift, scale, float(eps))
+
+
+def _ln_stats(x32, eps):
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+def _f32(a):
+    return None if a is None else a.astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _layer_norm(x, gamma, beta, shift, scale, eps):
+    return _layer_norm_fwd(x, gamma, beta, shift, scale, eps)[0]
+
+
+def _layer_norm_fwd(x, gamma, beta, shift, scale, eps):
+    x32 = x.astype(jnp.float32)
+    mean, rstd = _ln_stats(x32, eps)
+    y = (x32 - mean) * rstd
+    if gamma is not None:
+        y = y * _f32(gamma)
+    if beta is not None:
+        y = y + _f32(beta)
+    if scale is not None:
+        y = y * (1.0 + _f32(scale))[:, None, :] + _f32(shift)[:, None, :]
+    return y.astype(x.dtype), (x, mean, rstd, gamma, beta, shift, scale)
+
+
+def _layer_norm_bwd(eps, res, g):
+    del eps  # xhat comes back from the saved mean and 1/std
+    x, mean, rstd, gamma, beta, shift, scale = res
+    x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
+    xhat = (x32 - mean) * rstd
+    gamma32, beta32 = _f32(gamma), _f32(beta)
+    rows = tuple(range(x.ndim - 1))
+    d_gamma = d_beta = d_shift = d_scale = None
+    if scale is not None:
+        # z = xhat * gamma + beta is what the modulation scales; y = z * a + shift.
+        a = 1.0 + _f32(scale)  # (B, D)
+        sum_g = jnp.sum(g32, axis=1)  # (B, D)
+        sum_gx = jnp.sum(g32 * xhat, axis=1)  # (B, D)
+        d_shift = sum_g
+        d_scale = (sum_gx if gamma is None else gamma32 * sum_gx) + (0.0 if beta is None else beta32 * sum_g)
+        if gamma is not None:
+            d_gamma = jnp.sum(a * sum_gx, axis=0)
+        if beta is not None:
+            d_beta = jnp.sum(a * sum_g, axis=0)
+        d_xhat = g32 * (a if gamma is None else a * gamma32)[:, None, :]
+    else:
+        if gamma is not None:
+            d_gamma = jnp.sum(g32 * xhat, axis=rows)
+        if beta is not None:
+            d_beta = jnp.sum(g32, axis=rows)
+        d_xhat = g32 if gamma is None else g32 * gamma32
+    mean_d = jnp.mean(d_xhat, axis=-1, keepdims=True)
+    mean_dx = jnp.mean(d_xhat * xhat, axis=-1, keepdims=True)
+    dx = rstd * (d_xhat - mean_d - xhat * mean_dx)
+
+    def cast(d, like):
+        return None if like is None else d.astype(like.dtype)
+
+    return (dx.astype(x.dtype), cast(d_gamma, gamma), cast(d_beta, beta), cast(d_shift, shift),
+            cast(d_scale, scale))
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def modulate(
