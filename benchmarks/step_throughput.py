@@ -16,8 +16,10 @@ synthetic batch, and measures:
     (``unidiff.flops``: forward + backward = 3 x forward, real token counts per
     branch); achieved FLOP/s = FLOPs / step time;
   * MFU = achieved FLOP/s / peak, where the peak is a large square matmul in the
-    compute dtype measured in the same run (before and after the recipes; the larger
-    of the two medians is used) unless ``--peak_flops`` is given;
+    compute dtype timed between the steps (once per round of recipes, or once after
+    each step with ``--nointerleave``; the median is used), so that it sees the same
+    spells of the shared host as the steps, unless ``--peak_flops`` is given; it is
+    also measured before and after the recipes, and all three are in the JSON;
   * peak memory from ``device.memory_stats()`` where the backend reports it (GPU/TPU;
     the CPU backend reports nothing, so it is None there; a high-water mark of the whole
     run, so with interleaving it covers all recipes' states at once), plus XLA's own estimate of
@@ -141,23 +143,48 @@ def options_from_flags() -> Options:
 
 
 # ---------------------------------------------------------------------------------------
+class MatmulProbe:
+    """A compiled (size x size) @ (size x size) matmul in the compute dtype: the FLOP/s
+    reference for MFU. ``time_once`` times one call (blocking on the result)."""
+
+    def __init__(self, size: int, dtype_name: str):
+        import jax
+        import jax.numpy as jnp
+
+        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
+        ka, kb = jax.random.split(jax.random.key(1))
+        self._args = (jax.random.normal(ka, (size, size), dtype), jax.random.normal(kb, (size, size), dtype))
+        self._f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=dtype))
+        self._block = jax.block_until_ready
+        self._block(self._f(*self._args))
+        self.flops = 2.0 * size**3
+
+    def time_once(self) -> float:
+        t0 = time.perf_counter()
+        self._block(self._f(*self._args))
+        return time.perf_counter() - t0
+
+    def time_between(self) -> float:
+        """One timed call after two untimed ones, for use between train steps. Right
+        after a step the matmul runs slower for a call or two (matrices out of cache,
+        thread pools settling): in one process alternating a DiT-recipe step with three
+        timed calls, 12 rounds, the medians were 160.8, 169.4 and 172.9 GFLOP/s for
+        the first, second and third call, against 171.9 and 171.3 for seven
+        back-to-back calls before and after. A cold or half-warm probe would flatter
+        the MFU, so the third call is the one timed."""
+        self._block(self._f(*self._args))
+        self._block(self._f(*self._args))
+        return self.time_once()
+
+    def rate(self, times: list[float]) -> float:
+        """FLOP/s of the median of ``times``."""
+        return self.flops / statistics.median(times)
+
+
 def measure_matmul_peak(size: int, dtype_name: str, reps: int = 7) -> float:
     """FLOP/s of a (size x size) @ (size x size) matmul in the compute dtype (median)."""
-    import jax
-    import jax.numpy as jnp
-
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
-    ka, kb = jax.random.split(jax.random.key(1))
-    a = jax.random.normal(ka, (size, size), dtype)
-    b = jax.random.normal(kb, (size, size), dtype)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=dtype))
-    jax.block_until_ready(f(a, b))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        times.append(time.perf_counter() - t0)
-    return 2.0 * size**3 / statistics.median(times)
+    probe = MatmulProbe(size, dtype_name)
+    return probe.rate([probe.time_once() for _ in range(reps)])
 
 
 def model_config(opts: Options, recipe_name: str):
@@ -362,14 +389,21 @@ def prepare_recipe(opts: Options, recipe_name: str, init_cache: dict | None = No
     return PreparedRecipe(recipe_name, record, compiled, state, batch)
 
 
-def time_recipes(prepared: list[PreparedRecipe], steps: int, warmup_steps: int, interleave: bool) -> None:
-    """Warm up, then time ``steps`` steps of each recipe into its ``times``.
+def time_recipes(
+    prepared: list[PreparedRecipe], steps: int, warmup_steps: int, interleave: bool,
+    probe: MatmulProbe | None = None,
+) -> list[float]:
+    """Warm up, then time ``steps`` steps of each recipe into its ``times``; returns the
+    times of the ``probe`` matmul taken between the timed steps (empty without a probe).
 
     Interleaved, step i of every recipe runs before step i + 1 of any, so the step-time
     ratios between recipes compare steps taken minutes apart at most, not recipes run
-    at different times of a shared host's day. Otherwise each recipe runs all its steps
-    in turn.
+    at different times of a shared host's day; the probe runs once after each round.
+    Otherwise each recipe runs all its steps in turn, the probe once after each timed
+    step. Either way the peak that MFU divides by is measured in the same minutes as
+    the steps, under the same load of the shared host.
     """
+    probe_times: list[float] = []
     if interleave:
         for _ in range(warmup_steps):
             for p in prepared:
@@ -377,17 +411,29 @@ def time_recipes(prepared: list[PreparedRecipe], steps: int, warmup_steps: int, 
         for _ in range(steps):
             for p in prepared:
                 p.times.append(p.step())
-        return
+            if probe is not None:
+                probe_times.append(probe.time_between())
+        return probe_times
     for p in prepared:
         for _ in range(warmup_steps):
             p.step()
-        p.times.extend(p.step() for _ in range(steps))
+        for _ in range(steps):
+            p.times.append(p.step())
+            if probe is not None:
+                probe_times.append(probe.time_between())
+    return probe_times
 
 
-def bench_recipe(opts: Options, recipe_name: str, init_cache: dict | None = None) -> dict[str, Any]:
-    """Compile and time the real train step of one recipe; one JSON record."""
+def bench_recipe(
+    opts: Options, recipe_name: str, init_cache: dict | None = None, probe: MatmulProbe | None = None,
+    probe_times: list[float] | None = None,
+) -> dict[str, Any]:
+    """Compile and time the real train step of one recipe; one JSON record. The probe's
+    times between the steps are appended to ``probe_times``."""
     prepared = prepare_recipe(opts, recipe_name, init_cache)
-    time_recipes([prepared], opts.steps, opts.warmup_steps, interleave=False)
+    times = time_recipes([prepared], opts.steps, opts.warmup_steps, interleave=False, probe=probe)
+    if probe_times is not None:
+        probe_times.extend(times)
     return prepared.finish()
 
 
@@ -423,10 +469,11 @@ def run_suite(opts: Options, log=print) -> list[dict[str, Any]]:
     log(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; "
         f"model {opts.model}, {opts.image_size}x{opts.image_size}, batch {opts.batch_size}, "
         f"{opts.compute_dtype}, {opts.steps} timed steps after {opts.warmup_steps} warm-up")
-    peaks = []
+    probe, peaks, probe_times = None, {}, []
     if opts.peak_flops is None:
-        peaks.append(measure_matmul_peak(opts.matmul_size, opts.compute_dtype))
-        log(f"matmul peak ({opts.matmul_size}^2, {opts.compute_dtype}): {peaks[0] / 1e9:.1f} GFLOP/s")
+        probe = MatmulProbe(opts.matmul_size, opts.compute_dtype)
+        peaks["before"] = probe.rate([probe.time_once() for _ in range(7)])
+        log(f"matmul peak ({opts.matmul_size}^2, {opts.compute_dtype}): {peaks['before'] / 1e9:.1f} GFLOP/s")
     records, init_cache = [], {}
 
     def log_record(rec: dict[str, Any]) -> None:
@@ -442,18 +489,23 @@ def run_suite(opts: Options, log=print) -> list[dict[str, Any]]:
             prepared.append(prepare_recipe(opts, name, init_cache))
             log(f"  {name}: compiled in {prepared[-1].record['compile_time_s']:.1f} s")
         log(f"timing {opts.steps} steps of each recipe in turns")
-        time_recipes(prepared, opts.steps, opts.warmup_steps, interleave=True)
+        probe_times = time_recipes(prepared, opts.steps, opts.warmup_steps, interleave=True, probe=probe)
         records = [p.finish() for p in prepared]
         for rec in records:
             log_record(rec)
     else:
         for name in opts.recipes:
-            records.append(bench_recipe(opts, name, init_cache))
+            records.append(bench_recipe(opts, name, init_cache, probe, probe_times))
             log_record(records[-1])
     if opts.peak_flops is None:
-        peaks.append(measure_matmul_peak(opts.matmul_size, opts.compute_dtype))
-        log(f"matmul peak again after the recipes: {peaks[1] / 1e9:.1f} GFLOP/s")
-        peak, source = max(peaks), "measured"
+        peaks["during"] = probe.rate(probe_times)
+        peaks["after"] = probe.rate([probe.time_once() for _ in range(7)])
+        log(f"matmul peak between the timed steps ({len(probe_times)} samples): "
+            f"{peaks['during'] / 1e9:.1f} GFLOP/s; after the recipes: {peaks['after'] / 1e9:.1f} GFLOP/s")
+        # MFU divides by the peak measured between the steps: the shared host's speed
+        # moves by up to 20% within minutes, and a peak taken before or after the steps
+        # can come from a faster or slower spell than the steps themselves.
+        peak, source = peaks["during"], "measured between the steps"
     else:
         peak, source = opts.peak_flops, "flag"
 

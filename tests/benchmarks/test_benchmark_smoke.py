@@ -87,21 +87,33 @@ def test_bad_flag_names_the_flag(tmp_path, args, needles):
     assert "matmul peak" not in proc.stdout  # refused before anything was measured
 
 
-def _load_bench(monkeypatch):
+@pytest.fixture(scope="module")
+def _bench_module():
+    """The benchmark script loaded as a module, once per test module: it defines absl
+    flags, and absl refuses a second definition from a module object whose id matches
+    the first's (ids are reused once the first module is garbage-collected)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("step_throughput_under_test", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look themselves up there
-    spec.loader.exec_module(bench)
-    return bench
+    sys.modules[spec.name] = bench  # its dataclasses look themselves up there
+    try:
+        spec.loader.exec_module(bench)
+        yield bench
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def bench(_bench_module):
+    return _bench_module
 
 
 @pytest.mark.parametrize("interleave", [True, False])
-def test_time_recipes_order_and_warmup(monkeypatch, interleave):
+def test_time_recipes_order_and_warmup(bench, interleave):
     """Interleaved, step i of every recipe runs before step i + 1 of any; sequential, one
-    recipe's steps run together. Warm-up steps come first and are never timed."""
-    bench = _load_bench(monkeypatch)
+    recipe's steps run together. Warm-up steps come first and are never timed. The peak
+    probe runs between the timed steps only: after each round, or after each step."""
     calls = []
 
     class Fake(bench.PreparedRecipe):
@@ -109,17 +121,30 @@ def test_time_recipes_order_and_warmup(monkeypatch, interleave):
             calls.append(self.name)
             return float(len(calls))  # a distinct "time" per call, to see which were kept
 
+    class Probe:
+        def time_between(self):
+            calls.append("P")
+            return -float(len(calls))
+
     prepared = [Fake(name, {}, None, None, None) for name in ("a", "b", "c")]
-    bench.time_recipes(prepared, steps=3, warmup_steps=2, interleave=interleave)
+    probe_times = bench.time_recipes(prepared, steps=3, warmup_steps=2, interleave=interleave, probe=Probe())
     if interleave:
-        assert calls == ["a", "b", "c"] * 5
-        assert [p.times for p in prepared] == [[7.0, 10.0, 13.0], [8.0, 11.0, 14.0], [9.0, 12.0, 15.0]]
+        assert calls == ["a", "b", "c"] * 2 + ["a", "b", "c", "P"] * 3
+        assert [p.times for p in prepared] == [[7.0, 11.0, 15.0], [8.0, 12.0, 16.0], [9.0, 13.0, 17.0]]
+        assert probe_times == [-10.0, -14.0, -18.0]
     else:
-        assert calls == ["a"] * 5 + ["b"] * 5 + ["c"] * 5
-        assert [p.times for p in prepared] == [[3.0, 4.0, 5.0], [8.0, 9.0, 10.0], [13.0, 14.0, 15.0]]
+        assert calls == sum(([n] * 2 + [n, "P"] * 3 for n in "abc"), [])
+        assert [p.times for p in prepared] == [[3.0, 5.0, 7.0], [11.0, 13.0, 15.0], [19.0, 21.0, 23.0]]
+        assert probe_times == [-4.0, -6.0, -8.0, -12.0, -14.0, -16.0, -20.0, -22.0, -24.0]
+    # Without a probe nothing else runs.
+    calls.clear()
+    for p in prepared:
+        p.times.clear()
+    assert bench.time_recipes(prepared, steps=1, warmup_steps=0, interleave=interleave) == []
+    assert calls == ["a", "b", "c"]
 
 
-def test_initial_params_are_shared_per_architecture_and_survive_donation(monkeypatch):
+def test_initial_params_are_shared_per_architecture_and_survive_donation(bench):
     """The suite initialises each architecture once: the cached parameters equal a fresh
     ``model.init`` with the same key, and each recipe gets its own device buffers (the
     train step donates its state, so a shared buffer would be invalid for the next)."""
@@ -128,7 +153,6 @@ def test_initial_params_are_shared_per_architecture_and_survive_donation(monkeyp
 
     import unidiff.models as um
 
-    bench = _load_bench(monkeypatch)
 
     model = um.Model(um.ModelConfig(image_size=8, patch_size=2, in_channels=3, width=32, depth=1,
                                     decoder_depth=1, num_heads=2))
@@ -151,7 +175,7 @@ def test_initial_params_are_shared_per_architecture_and_survive_donation(monkeyp
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(fresh)))
 
 
-def test_fill_init_cache_equals_separate_inits(monkeypatch):
+def test_fill_init_cache_equals_separate_inits(bench):
     """One jitted init for several architectures gives each one exactly the parameters
     of its own ``model.init`` (bitwise), under the keys ``_initial_params`` looks up."""
     import dataclasses
@@ -161,7 +185,6 @@ def test_fill_init_cache_equals_separate_inits(monkeypatch):
 
     import unidiff.models as um
 
-    bench = _load_bench(monkeypatch)
     base = um.ModelConfig(image_size=8, patch_size=2, in_channels=3, width=32, depth=1,
                           decoder_depth=1, num_heads=2)
     configs = [base, dataclasses.replace(base, depth=2), base]  # a repeat is initialised once
