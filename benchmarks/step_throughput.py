@@ -180,11 +180,9 @@ class MatmulProbe:
         """FLOP/s of the median of ``times``."""
         return self.flops / statistics.median(times)
 
-
-def measure_matmul_peak(size: int, dtype_name: str, reps: int = 7) -> float:
-    """FLOP/s of a (size x size) @ (size x size) matmul in the compute dtype (median)."""
-    probe = MatmulProbe(size, dtype_name)
-    return probe.rate([probe.time_once() for _ in range(reps)])
+    def back_to_back_rate(self, reps: int = 7) -> float:
+        """FLOP/s of the median of ``reps`` calls in a row (before or after the recipes)."""
+        return self.rate([self.time_once() for _ in range(reps)])
 
 
 def model_config(opts: Options, recipe_name: str):
@@ -426,15 +424,12 @@ def time_recipes(
 
 def bench_recipe(
     opts: Options, recipe_name: str, init_cache: dict | None = None, probe: MatmulProbe | None = None,
-    probe_times: list[float] | None = None,
-) -> dict[str, Any]:
-    """Compile and time the real train step of one recipe; one JSON record. The probe's
-    times between the steps are appended to ``probe_times``."""
+) -> tuple[dict[str, Any], list[float]]:
+    """Compile and time the real train step of one recipe: its JSON record, and the
+    probe's times between the steps (empty without a probe)."""
     prepared = prepare_recipe(opts, recipe_name, init_cache)
-    times = time_recipes([prepared], opts.steps, opts.warmup_steps, interleave=False, probe=probe)
-    if probe_times is not None:
-        probe_times.extend(times)
-    return prepared.finish()
+    probe_times = time_recipes([prepared], opts.steps, opts.warmup_steps, interleave=False, probe=probe)
+    return prepared.finish(), probe_times
 
 
 def _xla_flops(compiled, num_devices: int) -> float | None:
@@ -472,7 +467,7 @@ def run_suite(opts: Options, log=print) -> list[dict[str, Any]]:
     probe, peaks, probe_times = None, {}, []
     if opts.peak_flops is None:
         probe = MatmulProbe(opts.matmul_size, opts.compute_dtype)
-        peaks["before"] = probe.rate([probe.time_once() for _ in range(7)])
+        peaks["before"] = probe.back_to_back_rate()
         log(f"matmul peak ({opts.matmul_size}^2, {opts.compute_dtype}): {peaks['before'] / 1e9:.1f} GFLOP/s")
     records, init_cache = [], {}
 
@@ -495,11 +490,13 @@ def run_suite(opts: Options, log=print) -> list[dict[str, Any]]:
             log_record(rec)
     else:
         for name in opts.recipes:
-            records.append(bench_recipe(opts, name, init_cache, probe, probe_times))
-            log_record(records[-1])
+            record, times = bench_recipe(opts, name, init_cache, probe)
+            records.append(record)
+            probe_times.extend(times)
+            log_record(record)
     if opts.peak_flops is None:
         peaks["during"] = probe.rate(probe_times)
-        peaks["after"] = probe.rate([probe.time_once() for _ in range(7)])
+        peaks["after"] = probe.back_to_back_rate()
         log(f"matmul peak between the timed steps ({len(probe_times)} samples): "
             f"{peaks['during'] / 1e9:.1f} GFLOP/s; after the recipes: {peaks['after'] / 1e9:.1f} GFLOP/s")
         # MFU divides by the peak measured between the steps: the shared host's speed
