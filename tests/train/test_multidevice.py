@@ -39,7 +39,7 @@ from unidiff import corruption as uc, models as um
 from unidiff.train.state import init_state
 from unidiff.train.step import StepConfig, make_mesh, make_train_step, replicate, shard_batch
 B = 16
-model = um.Model(um.umd_config("N/2", 8, 3))
+model = um.Model(um.umd_config("P/2", 8, 3))
 p0 = jax.device_get(model.init(jax.random.key(0)))
 rng = np.random.default_rng(0)
 batch = {"image": rng.uniform(-1, 1, (B, 8, 8, 3)).astype(np.float32), "label": np.zeros(B, np.int32)}
@@ -62,7 +62,9 @@ json.dump(out, sys.stdout)
 def test_gradient_is_the_mean_over_devices_not_the_sum(tmp_path):
     """One SGD step (lr 1) on 1, 2 and 8 devices: the update is the same global-mean
     gradient, and its norm is the logged grad_norm."""
-    env = dict(os.environ, **EIGHT, PYTHONPATH=str(ROOT))
+    # Added to the session's XLA_FLAGS (tests/conftest.py), not in place of them.
+    env = dict(os.environ, PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {EIGHT['XLA_FLAGS']}".strip())
     proc = subprocess.run([sys.executable, "-c", _SGD_STEP, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,7 +24,7 @@ def _tree_equal(a, b) -> bool:
 
 
 def test_nonfinite_step_is_skipped_and_counted():
-    cfg = um.umd_config("N/2", image_size=8, in_channels=3)
+    cfg = um.umd_config("P/2", image_size=8, in_channels=3)
     model, batch_size = um.Model(cfg), 4
     optimizer = make_optimizer(OptimConfig(base_lr=1e-2, batch_size=batch_size, total_steps=10,
                                            warmup_steps=0))
@@ -68,7 +68,7 @@ def test_step_update_equals_the_optax_reference_chain():
 
     from unidiff.train.optim import decay_mask, lr_schedule
 
-    cfg = um.umd_config("N/2", image_size=8, in_channels=3)
+    cfg = um.umd_config("P/2", image_size=8, in_channels=3)
     model, batch_size = um.Model(cfg), 4
     opt_cfg = OptimConfig(base_lr=1e-2, batch_size=batch_size, total_steps=10, warmup_steps=0,
                           grad_clip=1e-3)  # far below the gradient norm: clipping is active

@@ -3,6 +3,7 @@
 A variant string is ``"<size>/<patch>"`` (e.g. ``"B/4"``). Sizes are
 (width, encoder depth, decoder depth, heads), MLP ratio 4 (REFERENCE sec. 2):
 
+    P  64/1/1/2      (pico: one block on each side, for tests and smoke runs)
     N  128/4/2/4     (nano, for CPU quickstarts)
     Ti 192/12/4/3
     S  384/12/4/6
@@ -31,6 +32,7 @@ import jax
 import numpy as np
 
 SIZES: dict[str, tuple[int, int, int, int]] = {
+    "P": (64, 1, 1, 2),
     "N": (128, 4, 2, 4),
     "Ti": (192, 12, 4, 3),
     "S": (384, 12, 4, 6),
