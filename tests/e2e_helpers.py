@@ -30,20 +30,27 @@ SUBPROCESS_ENV = {
 }
 
 
-def run_binary(name: str, args: list[str], env: dict | None = None, timeout: float = 300,
-               check: bool = True, fast_compile: bool = True) -> subprocess.CompletedProcess:
-    """Run ``experiments/<name>``; ``fast_compile=False`` drops the test-only XLA flags."""
+def child_env(env: dict | None = None, fast_compile: bool = True) -> dict:
+    """The environment for a test's child process: the session's, SUBPROCESS_ENV, then
+    ``env``, whose XLA_FLAGS are added to the session's rather than replacing them;
+    ``fast_compile=False`` drops the test-only XLA flags."""
     full_env = dict(os.environ)
     full_env.update(SUBPROCESS_ENV)
     if not fast_compile:
         full_env.pop("XLA_FLAGS", None)
     env = dict(env or {})
-    if "XLA_FLAGS" in env:  # add to the session's flags rather than replacing them
+    if "XLA_FLAGS" in env:
         env["XLA_FLAGS"] = (full_env.get("XLA_FLAGS", "") + " " + env["XLA_FLAGS"]).strip()
     full_env.update(env)
+    return full_env
+
+
+def run_binary(name: str, args: list[str], env: dict | None = None, timeout: float = 300,
+               check: bool = True, fast_compile: bool = True) -> subprocess.CompletedProcess:
+    """Run ``experiments/<name>`` in ``child_env(env, fast_compile)``."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / name), *args],
-        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT,
+        capture_output=True, text=True, env=child_env(env, fast_compile), timeout=timeout, cwd=ROOT,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -4,13 +4,12 @@ the same global batch."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 
-from tests.e2e_helpers import ROOT, losses_by_step, read_metrics, run_binary
+from tests.e2e_helpers import ROOT, child_env, losses_by_step, read_metrics, run_binary
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
@@ -62,9 +61,7 @@ json.dump(out, sys.stdout)
 def test_gradient_is_the_mean_over_devices_not_the_sum(tmp_path):
     """One SGD step (lr 1) on 1, 2 and 8 devices: the update is the same global-mean
     gradient, and its norm is the logged grad_norm."""
-    # Added to the session's XLA_FLAGS (tests/conftest.py), not in place of them.
-    env = dict(os.environ, PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {EIGHT['XLA_FLAGS']}".strip())
+    env = child_env({**EIGHT, "PYTHONPATH": str(ROOT)})
     proc = subprocess.run([sys.executable, "-c", _SGD_STEP, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

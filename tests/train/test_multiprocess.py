@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
 
-from tests.e2e_helpers import ROOT, SUBPROCESS_ENV, losses_by_step, run_binary
+from tests.e2e_helpers import ROOT, child_env, losses_by_step, run_binary
 
 
 def _free_port() -> int:
@@ -23,7 +22,7 @@ def test_two_processes_match_single_process(tmp_path, tiny_args):
     run_binary("pretrain.py", common + [f"--workdir={tmp_path / 'single'}"])
 
     port = _free_port()
-    env = dict(os.environ, **SUBPROCESS_ENV)
+    env = child_env()
     # One CPU device per process, whatever the session's flags say.
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                                 if "device_count" not in f)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,8 @@ import time
 
 import pytest
 
-from tests.e2e_helpers import ROOT, SUBPROCESS_ENV, TINY, losses_by_step, read_metrics, run_binary
+from tests.e2e_helpers import ROOT, TINY, child_env, losses_by_step, read_metrics, run_binary
+from unidiff.train.checkpoint import latest_step
 
 # 20 steps, a checkpoint every 5: resumes from step 10 (clean stop) or wherever the
 # newest complete checkpoint is (kill -9 part-way).
@@ -23,11 +23,6 @@ def straight(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
     run_binary("pretrain.py", COMMON + [f"--workdir={workdir}"])
     return workdir
-
-
-def _complete_steps(workdir) -> list[int]:
-    ckpts = workdir / "checkpoints"
-    return [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
 
 
 def test_resume_in_new_process_is_bitwise_exact(tmp_path, straight):
@@ -49,7 +44,7 @@ def test_resume_after_kill_9_is_bitwise_exact(tmp_path, straight):
     killed = tmp_path / "killed"
     common = COMMON
 
-    env = dict(os.environ, **SUBPROCESS_ENV)
+    env = child_env()
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "experiments" / "pretrain.py"), *common,
          f"--workdir={killed}"],
@@ -59,10 +54,9 @@ def test_resume_after_kill_9_is_bitwise_exact(tmp_path, straight):
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
-            # Past step 11, and the step-5 (or a later) checkpoint complete: orbax
-            # renames a step's directory to its number only once it is written.
+            # Past step 11, with the step-5 (or a later) checkpoint complete.
             if (metrics.exists() and len(metrics.read_text().splitlines()) >= 11
-                    and _complete_steps(killed)):
+                    and latest_step(killed) is not None):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "run finished before it could be killed"
@@ -71,7 +65,7 @@ def test_resume_after_kill_9_is_bitwise_exact(tmp_path, straight):
         proc.wait()
     logged_before = max(m["step"] for m in read_metrics(killed))
     assert logged_before < 20
-    resume_from = max(_complete_steps(killed))
+    resume_from = latest_step(killed)  # what the rerun must resume from
 
     resumed = run_binary("pretrain.py", common + [f"--workdir={killed}"])
     assert f"at step {resume_from}" in resumed.stdout + resumed.stderr, "did not resume from the checkpoint"
@@ -83,7 +77,7 @@ def test_resume_after_kill_9_is_bitwise_exact(tmp_path, straight):
 
 def test_sigterm_saves_and_exits_zero(tmp_path, tiny_args):
     workdir = tmp_path / "term"
-    env = dict(os.environ, **SUBPROCESS_ENV)
+    env = child_env()
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "experiments" / "pretrain.py"), *tiny_args,
          "--train_steps=100000", "--ckpt_every=100000", f"--workdir={workdir}"],
