@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import haiku as hk
 import jax
@@ -14,6 +17,7 @@ from hypothesis import strategies as st
 
 import unidiff.models as um
 from models_testlib import assert_close, jit, np_attention, random_like
+from tests.e2e_helpers import ROOT, child_env
 
 
 def np_sincos_2d(dim, grid):
@@ -400,3 +404,84 @@ def test_drop_labels():
     np.testing.assert_array_equal(drop(key, y, 1.0, 3), jnp.full(6, 3))
     big = drop(key, jnp.zeros(20000, jnp.int32), 0.1, 3)
     assert abs(float(jnp.mean(big == 3)) - 0.1) < 0.01
+
+
+_SHARD_MAP_GRADS = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from unidiff.models.layers import add_batch_shared, layer_norm, modulate
+D = 4  # devices
+mesh = jax.make_mesh((D,), ("data",))
+rng = np.random.default_rng(0)
+b, n, w = 2, 5, 6  # per device
+x = rng.normal(1.0, 2.0, (D * b, n, w)).astype(np.float32)
+ct = rng.normal(size=(D * b, n, w)).astype(np.float32)
+table = rng.normal(size=(n, w)).astype(np.float32)
+gamma, beta = 1 + 0.3 * rng.normal(size=w).astype(np.float32), 0.3 * rng.normal(size=w).astype(np.float32)
+shift_local, scale_local = (0.3 * rng.normal(size=(b, w)).astype(np.float32) for _ in range(2))
+
+def composed(x, gamma, beta, shift, scale):
+    mean = jnp.mean(x, -1, keepdims=True)
+    y = (x - mean) / jnp.sqrt(jnp.mean((x - mean) ** 2, -1, keepdims=True) + 1e-6) * gamma + beta
+    return modulate(y, shift, scale)
+
+def per_device(f, specs):
+    # The gradient of sum(f(...) * ct) over the global batch, inside shard_map.
+    loss = lambda *a: jax.lax.psum(jnp.sum(f(*a[:-1]) * a[-1]), "data")
+    g = jax.shard_map(jax.grad(loss, argnums=tuple(range(len(specs)))), mesh=mesh,
+                      in_specs=(*specs, P("data")), out_specs=specs)
+    return jax.jit(g)
+
+def put(a, spec):
+    return jax.device_put(a, NamedSharding(mesh, spec))
+
+def err(got, want):
+    return max(float(np.max(np.abs(np.asarray(g) - np.asarray(v)) / (1 + np.abs(np.asarray(v))))) for g, v in zip(got, want))
+
+out = {}
+# add_batch_shared with a replicated table (a frozen sin-cos table, an uncast parameter).
+specs = (P("data"), P())
+got = per_device(add_batch_shared, specs)(put(x, specs[0]), put(table, P()), put(ct, P("data")))
+want = jax.grad(lambda x, t: jnp.sum((x + t[None]) * ct), argnums=(0, 1))(x, table)
+out["add_batch_shared"] = err(got, want)
+# layer_norm, affine and modulation replicated: their gradient is the sum over devices.
+tile = lambda a: np.tile(a, (D, 1))
+specs = (P("data"), P(), P(), P(), P())
+got = per_device(lambda *a: layer_norm(a[0], 1e-6, *a[1:]), specs)(
+    put(x, P("data")), *(put(a, P()) for a in (gamma, beta, shift_local, scale_local)), put(ct, P("data")))
+full = jax.grad(lambda *a: jnp.sum(composed(*a) * ct), argnums=(0, 1, 2, 3, 4))(x, gamma, beta, tile(shift_local), tile(scale_local))
+fold = lambda g: np.asarray(g).reshape(D, b, w).sum(0)
+out["layer_norm_replicated"] = err(got, (full[0], full[1], full[2], fold(full[3]), fold(full[4])))
+# layer_norm with per-example modulation (as in the blocks) and replicated affine.
+specs = (P("data"), P(), P(), P("data"), P("data"))
+shift, scale = tile(shift_local) * 1.5, tile(scale_local) - 0.2
+got = per_device(lambda *a: layer_norm(a[0], 1e-6, *a[1:]), specs)(
+    put(x, P("data")), put(gamma, P()), put(beta, P()), put(shift, P("data")), put(scale, P("data")), put(ct, P("data")))
+out["layer_norm_per_example_modulation"] = err(got, jax.grad(
+    lambda *a: jnp.sum(composed(*a) * ct), argnums=(0, 1, 2, 3, 4))(x, gamma, beta, shift, scale))
+print(json.dumps(out))
+"""
+
+
+def test_hand_written_gradients_inside_shard_map_sum_replicated_inputs_over_devices():
+    """Inside ``jax.shard_map`` (4 simulated devices), a replicated input of
+    add_batch_shared or layer_norm (a frozen position table, the affine parameters, a
+    shared modulation) gets the gradient over the global batch, the sum of every
+    device's, as autodiff of the plain composition gives it; a per-device input its own
+    device's. JAX rejected the hand-written gradients there before (per-device cotangent
+    for a replicated input)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.e2e_helpers import ROOT, child_env
+
+    env = child_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run([sys.executable, "-c", _SHARD_MAP_GRADS], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(errors) == {"add_batch_shared", "layer_norm_replicated", "layer_norm_per_example_modulation"}
+    for case, e in errors.items():
+        assert e < 1e-4, (case, e)

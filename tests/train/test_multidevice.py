@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.e2e_helpers import ROOT, child_env, losses_by_step, read_metrics, run_binary
 
@@ -38,39 +39,59 @@ from unidiff import corruption as uc, models as um
 from unidiff.train.state import init_state
 from unidiff.train.step import StepConfig, make_mesh, make_train_step, replicate, shard_batch
 B = 16
-model = um.Model(um.umd_config("P/2", 8, 3))
-p0 = jax.device_get(model.init(jax.random.key(0)))
+# One small decoder for the architectures whose defaults are 512 wide and 8 deep.
+small_decoder = dict(decoder_width=64, decoder_depth=1, decoder_heads=2)
+ARCHS = {  # name: (model config, recipe, device counts)
+    "umd": (um.umd_config("P/2", 8, 3), uc.recipes.umd(), (1, 2, 8)),
+    # Frozen sin-cos tables (replicated constants) meet per-device activations in the
+    # hand-written gradients of add_batch_shared and layer_norm.
+    "dit": (um.dit_config("P/2", 8, 3, num_classes=0), uc.recipes.dit(), (1, 8)),
+    "mae": (um.mae_config("P/2", 8, 3, **small_decoder), uc.recipes.mae(), (1, 8)),
+    "maskdit": (um.maskdit_config("P/2", 8, 3, num_classes=0, **small_decoder), uc.recipes.maskdit(), (1, 8)),
+    "mdt": (um.mdt_config("P/2", 8, 3, num_classes=0, si_position=-1), uc.recipes.mdt(), (1, 8)),
+}
 rng = np.random.default_rng(0)
 batch = {"image": rng.uniform(-1, 1, (B, 8, 8, 3)).astype(np.float32), "label": np.zeros(B, np.int32)}
 out = {}
-for d in (1, 2, 8):
-    mesh = make_mesh(d)
-    opt = optax.sgd(1.0)  # the update is minus the gradient the step hands the optimizer
-    state = replicate(init_state(jax.tree.map(jnp.asarray, p0), opt, jax.random.key(1), use_ema=False), mesh)
-    step = make_train_step(model, uc.recipes.umd(), opt, mesh, B, StepConfig(patch_size=2, num_classes=0))
-    with jax.set_mesh(mesh):
-        state, metrics = step(state, shard_batch(batch, mesh, B))
-    upd = [np.asarray(a, np.float64) - b for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(p0))]
-    out[d] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-              "update_norm": float(np.sqrt(sum(np.sum(u ** 2) for u in upd)))}
-    np.save(f"{sys.argv[1]}/update_{d}.npy", np.concatenate([u.ravel() for u in upd]))
+for name in sys.argv[2].split(","):
+    cfg, recipe, counts = ARCHS[name]
+    model = um.Model(cfg)
+    p0 = jax.device_get(model.init(jax.random.key(0)))
+    for d in counts:
+        mesh = make_mesh(d)
+        opt = optax.sgd(1.0)  # the update is minus the gradient the step hands the optimizer
+        state = replicate(init_state(jax.tree.map(jnp.asarray, p0), opt, jax.random.key(1), use_ema=False), mesh)
+        step = make_train_step(model, recipe, opt, mesh, B, StepConfig(patch_size=2, num_classes=0))
+        with jax.set_mesh(mesh):
+            state, metrics = step(state, shard_batch(batch, mesh, B))
+        upd = [np.asarray(a, np.float64) - b for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(p0))]
+        out.setdefault(name, {})[d] = {
+            "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+            "update_norm": float(np.sqrt(sum(np.sum(u ** 2) for u in upd)))}
+        np.save(f"{sys.argv[1]}/update_{name}_{d}.npy", np.concatenate([u.ravel() for u in upd]))
 json.dump(out, sys.stdout)
 """
 
 
-def test_gradient_is_the_mean_over_devices_not_the_sum(tmp_path):
+@pytest.mark.parametrize("archs", ["umd", "dit,mae,maskdit,mdt"])
+def test_gradient_is_the_mean_over_devices_not_the_sum(tmp_path, archs):
     """One SGD step (lr 1) on 1, 2 and 8 devices: the update is the same global-mean
-    gradient, and its norm is the logged grad_norm."""
+    gradient, and its norm is the logged grad_norm. UMD on 1, 2 and 8 devices; every
+    other architecture (frozen tables, no adaLN, side-interpolater) on 1 and 8."""
     env = child_env({**EIGHT, "PYTHONPATH": str(ROOT)})
-    proc = subprocess.run([sys.executable, "-c", _SGD_STEP, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", _SGD_STEP, str(tmp_path), archs], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
-    one = out["1"]
-    assert one["update_norm"] > 0
-    np.testing.assert_allclose(one["update_norm"], one["grad_norm"], rtol=1e-5)
-    for d in ("2", "8"):
-        np.testing.assert_allclose(out[d]["loss"], one["loss"], rtol=1e-5)
-        np.testing.assert_allclose(out[d]["grad_norm"], one["grad_norm"], rtol=1e-4)
-        np.testing.assert_allclose(np.load(tmp_path / f"update_{d}.npy"), np.load(tmp_path / "update_1.npy"),
-                                   rtol=1e-3, atol=1e-7)
+    assert sorted(out) == sorted(archs.split(","))
+    for name, runs in out.items():
+        one = runs["1"]
+        assert one["update_norm"] > 0, name
+        np.testing.assert_allclose(one["update_norm"], one["grad_norm"], rtol=1e-5, err_msg=name)
+        assert len(runs) >= 2, name
+        for d in set(runs) - {"1"}:
+            np.testing.assert_allclose(runs[d]["loss"], one["loss"], rtol=1e-5, err_msg=f"{name} on {d}")
+            np.testing.assert_allclose(runs[d]["grad_norm"], one["grad_norm"], rtol=1e-4, err_msg=f"{name} on {d}")
+            np.testing.assert_allclose(np.load(tmp_path / f"update_{name}_{d}.npy"),
+                                       np.load(tmp_path / f"update_{name}_1.npy"),
+                                       rtol=1e-3, atol=1e-7, err_msg=f"{name} on {d}")

@@ -100,7 +100,39 @@ def layer_norm(
             f"layer_norm: modulation expects x (B, N, D) and shift, scale (B, D); got x {x.shape}, "
             f"shift {shift.shape}, scale {scale.shape}"
         )
+    x, gamma, beta, shift, scale = cast_to_common_varying(x, gamma, beta, shift, scale)
     return _layer_norm(x, gamma, beta, shift, scale, float(eps))
+
+
+def varying_axes(a: Array) -> frozenset[str]:
+    """The manual mesh axes (inside ``jax.shard_map``) that ``a`` varies over; empty
+    outside shard_map and for values replicated over every axis (e.g. the parameters,
+    a constant table)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))  # the spelling of earlier JAX releases
+
+
+def cast_to_common_varying(*arrays: Array | None) -> list[Array | None]:
+    """Cast every array (``None`` passes through) to vary over each manual mesh axis that
+    any of them varies over (``jax.lax.pcast(..., to="varying")``).
+
+    Why: a ``jax.custom_vjp`` backward rule must return, for each input, a cotangent of
+    that input's type. Inside shard_map, a replicated input (a frozen sin-cos table, a
+    parameter the caller did not cast) meeting per-device data gets a per-device
+    cotangent, which JAX rejects. Autodiff of plain jnp code inserts this cast itself,
+    and its transpose is the sum over the devices; casting before the custom_vjp gives
+    the hand-written gradients the same semantics. Outside shard_map nothing changes.
+    """
+    vary = [None if a is None else varying_axes(a) for a in arrays]
+    common = frozenset().union(*(v for v in vary if v is not None))
+    out = []
+    for a, v in zip(arrays, vary):
+        missing = () if a is None else tuple(sorted(common - v))
+        out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
+    return out
 
 
 def _ln_stats(x32, eps):
@@ -232,7 +264,8 @@ def add_batch_shared(x: Float[Array, "b *rest"], shared: Float[Array, "*rest"]) 
     ones vector: XLA:CPU reduces a short leading axis very slowly (a (4, 256, 384)
     gradient: 2.4 ms against 0.14 ms for the matmul; at batch 32, 19 ms against 0.25 ms;
     benchmarks/README.md)."""
-    return _add_batch_shared(x, shared.astype(x.dtype))
+    x, shared = cast_to_common_varying(x, shared.astype(x.dtype))
+    return _add_batch_shared(x, shared)
 
 
 @jax.custom_vjp
