@@ -8,8 +8,10 @@ it when complete, so a process killed mid-save leaves the previous step loadable
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -20,15 +22,34 @@ from unidiff.outputs import atomic_write
 from unidiff.train.state import TrainState
 
 
+ITEMS = ("state", "data")
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """Where a workdir keeps its checkpoints (absolute, as orbax wants it)."""
+    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+@contextlib.contextmanager
+def _reader(workdir: str) -> Iterator[tuple[str, ocp.CheckpointManager]]:
+    """(directory, manager) for reading a workdir's checkpoints; closed on exit, errors included."""
+    directory = checkpoint_dir(workdir)
+    mngr = ocp.CheckpointManager(directory, item_names=ITEMS)
+    try:
+        yield directory, mngr
+    finally:
+        mngr.close()
+
+
 class Checkpointer:
     """Save and restore (TrainState, Grain iterator) pairs in a workdir."""
 
     def __init__(self, workdir: str, max_to_keep: int = 3):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-            item_names=("state", "data"),
+            item_names=ITEMS,
         )
 
     def latest_step(self) -> int | None:
@@ -69,13 +90,10 @@ class Checkpointer:
 
 def latest_step(workdir: str) -> int | None:
     """The newest complete checkpoint step under ``workdir/checkpoints``, or None."""
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
+    if not os.path.isdir(checkpoint_dir(workdir)):
         return None
-    mngr = ocp.CheckpointManager(directory, item_names=("state", "data"))
-    step = mngr.latest_step()
-    mngr.close()
-    return step
+    with _reader(workdir) as (_, mngr):
+        return mngr.latest_step()
 
 
 def restore_params(workdir: str, use_ema: bool = True) -> tuple[Any, int]:
@@ -83,22 +101,19 @@ def restore_params(workdir: str, use_ema: bool = True) -> tuple[Any, int]:
 
     Used by the finetune, sample and probe binaries; no template is needed.
     """
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    mngr = ocp.CheckpointManager(directory, item_names=("state", "data"))
-    step = mngr.latest_step()
-    if step is None:
-        raise FileNotFoundError(
-            f"--workdir {workdir}: no checkpoint found under {directory}; run pretrain.py first"
-        )
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    state = restored["state"]
+    with _reader(workdir) as (directory, mngr):
+        step = mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"--workdir {workdir}: no checkpoint found under {directory}; run pretrain.py first"
+            )
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     # Restored without a template the NamedTuple comes back as a dict or list.
     fields = TrainState._fields
     if isinstance(state, (list, tuple)):
         state = dict(zip(fields, state))
     ema = state.get("ema_params")
     params = ema if (use_ema and ema) else state["params"]
-    mngr.close()
     return jax.tree.map(lambda a: a, params), step
 
 
