@@ -471,12 +471,6 @@ def test_hand_written_gradients_inside_shard_map_sum_replicated_inputs_over_devi
     device's, as autodiff of the plain composition gives it; a per-device input its own
     device's. JAX rejected the hand-written gradients there before (per-device cotangent
     for a replicated input)."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.e2e_helpers import ROOT, child_env
-
     env = child_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT)})
     proc = subprocess.run([sys.executable, "-c", _SHARD_MAP_GRADS], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)

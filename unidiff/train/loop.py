@@ -135,7 +135,7 @@ def prepare(cfg: TrainConfig) -> Run:
         uc.split_batch(cfg.batch_size, recipe.r_t0, num_devices)
     except ValueError as e:
         raise ConfigError(f"--batch_size: {e}") from None
-    if cfg.init_from and not os.path.isdir(os.path.join(cfg.init_from, "checkpoints")):
+    if cfg.init_from and not os.path.isdir(ckpt_lib.checkpoint_dir(cfg.init_from)):
         raise ConfigError(f"--init_from {cfg.init_from}: no checkpoints/ directory there")
     if cfg.init_from and ckpt_lib.latest_step(cfg.init_from) is None:
         raise ConfigError(f"--init_from {cfg.init_from}: no complete checkpoint under checkpoints/ "
