@@ -360,6 +360,14 @@ def test_add_batch_shared_value_and_gradients(b, rest, dtype):
     assert_close(gpos, np.asarray(jnp.asarray(ct, dtype), np.float64).sum(0), rtol=tol, atol=tol * b)
 
 
+@pytest.mark.parametrize("shared_shape", [(5,), (1, 5), (6, 1), (2, 6, 5)])
+def test_add_batch_shared_rejects_broadcasting(shared_shape):
+    """Its gradient sums over the batch axis only, so a shared tensor that would
+    broadcast (and need its gradient summed over more axes) is refused up front."""
+    with pytest.raises(ValueError, match=r"add_batch_shared: shared has shape .* expected one example's shape \(6, 5\)"):
+        um.add_batch_shared(jnp.zeros((3, 6, 5)), jnp.zeros(shared_shape))
+
+
 def _embed_params(kind):
     f = hk.transform(lambda: um.position_embedding(kind, 16, 8, jnp.float32))
     params = jit(f.init)(jax.random.key(0))

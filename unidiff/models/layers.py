@@ -264,6 +264,11 @@ def add_batch_shared(x: Float[Array, "b *rest"], shared: Float[Array, "*rest"]) 
     ones vector: XLA:CPU reduces a short leading axis very slowly (a (4, 256, 384)
     gradient: 2.4 ms against 0.14 ms for the matmul; at batch 32, 19 ms against 0.25 ms;
     benchmarks/README.md)."""
+    if shared.shape != x.shape[1:]:
+        # The hand-written gradient sums over the batch axis only, so it cannot
+        # broadcast the way ``x + shared[None]`` would.
+        raise ValueError(f"add_batch_shared: shared has shape {shared.shape}, expected one "
+                         f"example's shape {x.shape[1:]} (x is {x.shape}; no broadcasting)")
     x, shared = cast_to_common_varying(x, shared.astype(x.dtype))
     return _add_batch_shared(x, shared)
 
