@@ -33,6 +33,9 @@ def test_presets_hold_the_papers_values():
     assert (r.r_t0, r.m_t, r.noisy_loss) == (0.0, 0.5, "eps_x0")
     r = recipes.mdt()
     assert (r.r_t0, r.m_t, r.noisy_loss, r.mdt_two_pass, r.schedule) == (0.0, 0.3, "eps_all", True, "linear")
+    # DiT's class dropout (MaskDiT and MDT keep it): trains the null label that
+    # classifier-free guidance needs when these recipes train class-conditionally.
+    assert [recipes.get(n).label_dropout for n in ("dit", "maskdit", "mdt")] == [0.1] * 3
     r = recipes.usp()
     assert (r.r_t0, r.m_t0, r.norm_pix_loss, r.schedule) == (1.0, 0.75, True, "linear")
     for name in recipes.PRESETS:

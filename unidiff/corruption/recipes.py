@@ -254,23 +254,29 @@ def dit(**overrides) -> Recipe:
     tokens: UMD's DiT baseline, which predicts both heads (the original DiT trains eps
     plus a learned-variance VLB term; sigma is not trained here). Cosine schedule as
     in the UMD pixel-space comparison; use ``dit(schedule="linear")`` for latents.
+    Label dropout 0.1 as in DiT, so that a class-conditional run (``--class_conditional``)
+    trains the null label classifier-free guidance needs; unconditional runs, such as
+    the UMD paper's pretraining, have no labels to drop.
     """
-    return _make(dict(name="dit", r_t0=0.0, m_t=0.0, schedule="cosine"), overrides)
+    return _make(dict(name="dit", r_t0=0.0, m_t=0.0, schedule="cosine", label_dropout=0.1), overrides)
 
 
 def maskdit(**overrides) -> Recipe:
     """MaskDiT as the UMD special case r_t0 = 0, m_t = 0.5 (UMD paper Sec. 3, Table 1):
-    1/2 (eps MSE on visible + x0 MSE on hidden tokens), cosine schedule."""
-    return _make(dict(name="maskdit", r_t0=0.0, m_t=0.5, schedule="cosine"), overrides)
+    1/2 (eps MSE on visible + x0 MSE on hidden tokens), cosine schedule. Label dropout
+    0.1 (DiT's) for class-conditional runs, as for ``dit``."""
+    return _make(dict(name="maskdit", r_t0=0.0, m_t=0.5, schedule="cosine", label_dropout=0.1), overrides)
 
 
 def mdt(**overrides) -> Recipe:
     """MDT training (Gao et al., MDT paper Sec. 3; REFERENCE sec. 3): r_t0 0, two
     passes per batch with the same t and independent noise, one full and one masked at
     m_t 0.3, eps MSE over all tokens for both, summed. Linear schedule (MDT works on
-    SD-VAE latents)."""
+    SD-VAE latents). Label dropout 0.1 (DiT's, which MDT keeps) for class-conditional
+    runs, so that its power-cosine guidance has a trained null label."""
     return _make(
-        dict(name="mdt", r_t0=0.0, m_t=0.3, schedule="linear", noisy_loss="eps_all", mdt_two_pass=True),
+        dict(name="mdt", r_t0=0.0, m_t=0.3, schedule="linear", noisy_loss="eps_all", mdt_two_pass=True,
+             label_dropout=0.1),
         overrides,
     )
 
