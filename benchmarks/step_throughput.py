@@ -84,6 +84,9 @@ _MATMUL = flags.DEFINE_integer("matmul_size", None, "Side of the square matmul m
 _ARCH = flags.DEFINE_enum("arch", "auto", ["auto", "umd", "umd_no_adaln", "mae", "mdt", "maskdit", "dit"],
                           "Architecture as in training (--arch of pretrain.py); auto = the recipe's default. "
                           "'dit' = exactly DiT (all blocks on all tokens, no CLS).")
+_SI_POSITION = flags.DEFINE_integer(
+    "si_position", None, "MDT's side-interpolater before this block, for the recipes that "
+    "train the mdt architecture (as pretrain.py's --si_position); unset = -2.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 0, "Class-conditional with this many classes (0 = none).")
 _INTERLEAVE = flags.DEFINE_bool(
     "interleave", True, "Time the recipes' steps in turns (dit, maskdit, ..., dit, ...) after compiling "
@@ -105,6 +108,7 @@ class Options:
     peak_flops: float | None = None
     matmul_size: int = 2048
     arch: str = "auto"
+    si_position: int | None = None
     num_classes: int = 0
     seed: int = 0
     channels: int = 3
@@ -127,6 +131,15 @@ class Options:
                 fail(f, f"must be >= {lo}")
         if self.peak_flops is not None and not self.peak_flops > 0:
             fail("peak_flops", "must be > 0")
+        if self.si_position is not None and not any(self.arch_of(r) == "mdt" for r in self.recipes):
+            fail("si_position", "only applies to recipes that train the mdt architecture "
+                 "(--recipes mdt, or --arch mdt)")
+
+    def arch_of(self, recipe_name: str) -> str:
+        """The architecture ``recipe_name`` trains here (pretrain.py's mapping)."""
+        from unidiff.train.config import DEFAULT_ARCH
+
+        return DEFAULT_ARCH.get(recipe_name, "umd") if self.arch == "auto" else self.arch
 
 
 def options_from_flags() -> Options:
@@ -139,6 +152,7 @@ def options_from_flags() -> Options:
         warmup_steps=pick(_WARMUP, "warmup_steps"), compute_dtype=pick(_DTYPE, "compute_dtype"),
         peak_flops=_PEAK.value, matmul_size=pick(_MATMUL, "matmul_size"), arch=_ARCH.value,
         num_classes=_NUM_CLASSES.value, seed=_SEED.value, interleave=_INTERLEAVE.value,
+        si_position=_SI_POSITION.value,
     )
 
 
@@ -190,9 +204,11 @@ def model_config(opts: Options, recipe_name: str):
     from unidiff.train.config import TrainConfig
     from unidiff.train.loop import model_config_for
 
+    si_position = opts.si_position if opts.arch_of(recipe_name) == "mdt" else None
     cfg = TrainConfig(workdir="-", recipe=recipe_name, arch=opts.arch, model=opts.model, train_steps=1,
                       batch_size=opts.batch_size, image_size=opts.image_size,
-                      compute_dtype=opts.compute_dtype, class_conditional=opts.num_classes > 0)
+                      compute_dtype=opts.compute_dtype, class_conditional=opts.num_classes > 0,
+                      si_position=si_position)
     cfg.validate()
     return cfg.resolved_arch(), model_config_for(cfg, opts.image_size, opts.channels, opts.num_classes)
 
@@ -201,13 +217,19 @@ def check_recipes(opts: Options) -> None:
     """Every recipe's architecture builds at these settings and its masks fit the tokens;
     ValueError naming the flag otherwise (before anything is measured)."""
     from unidiff import corruption as uc
+    from unidiff.train.step import check_model_fits_recipe
 
     for name in opts.recipes:
-        _, mcfg = model_config(opts, name)
+        arch, mcfg = model_config(opts, name)
+        recipe = uc.recipes.get(name)
         try:
-            uc.recipes.get(name).validate_for(mcfg.num_tokens)
+            recipe.validate_for(mcfg.num_tokens)
         except ValueError as e:
             raise ValueError(f"--recipes {name}: {e} (the image has {mcfg.num_tokens} tokens)") from None
+        try:
+            check_model_fits_recipe(mcfg, recipe)
+        except ValueError as e:
+            raise ValueError(f"--recipes {name} with --arch {arch}: {e}") from None
 
 
 def _peak_memory(device) -> int | None:

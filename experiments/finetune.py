@@ -31,7 +31,7 @@ FINETUNE_DEFAULTS = dict(
     batch_size=256,
 )
 # Copied from the pretraining run so the parameters fit.
-INHERITED = ("model", "arch", "image_size", "num_cls_tokens")
+INHERITED = ("model", "arch", "image_size", "num_cls_tokens", "si_position")
 
 cli.define_flags(defaults=FINETUNE_DEFAULTS, skip=INHERITED)
 cli.define_distributed_flags()

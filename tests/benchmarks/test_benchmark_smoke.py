@@ -78,6 +78,9 @@ def test_paper_preset_runs_in_bfloat16_with_overrides(tmp_path):
     (["--model=N/0"], ("--model", "N/0")),
     (["--model=N/2", "--image_size=9"], ("--image_size 9",)),
     (["--json={tmp}"], ("--json", "is a folder")),
+    (["--recipes=umd", "--arch=dit", "--model=N/2"], ("--recipes umd with --arch dit", "mask token")),
+    (["--recipes=mdt", "--model=P/2"], ("--si_position", "set --si_position")),
+    (["--recipes=dit,umd", "--si_position=1"], ("--si_position", "mdt architecture")),
 ])
 def test_bad_flag_names_the_flag(tmp_path, args, needles):
     proc = _run(tmp_path, *(a.format(tmp=tmp_path) for a in args), "--steps=1")

@@ -34,6 +34,13 @@ CASES = [
     (dict(grad_clip=float("nan")), "--grad_clip"),
     (dict(train_steps=0, epochs=float("inf")), "--epochs"),
     (dict(model="N/0"), "--model"),
+    # Architecture and recipe that cannot train together: caught here, not when tracing.
+    (dict(arch="mdt"), "--arch mdt does not fit --recipe umd"),  # no x0 head for t = 0
+    (dict(arch="dit", recipe="maskdit"), "--arch dit does not fit --recipe maskdit"),  # no mask token
+    (dict(si_position=1), "--si_position: only applies to the mdt architecture"),
+    (dict(recipe="mdt", si_position=5), "--si_position: must be an integer block index in [-4, 4]"),
+    (dict(recipe="mdt", model="P/2"), "--si_position: must be an integer block index in [-1, 1] for "
+                                      "'P/2' (1 blocks), got -2 (the default; set --si_position)"),
 ]
 
 
@@ -59,6 +66,22 @@ def test_changing_model_under_existing_workdir_is_rejected(tmp_path):
     loop.prepare(cfg)  # same flags: fine
     with pytest.raises(ConfigError, match="--model: 'N/4' differs from 'N/2'"):
         loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "model": "N/4"}))
+
+
+@pytest.mark.parametrize("si_position,encoder_depth", [(None, 2), (1, 1), (-1, 3), (0, 0)])
+def test_si_position_places_mdts_side_interpolater(tmp_path, si_position, encoder_depth):
+    """N has 4 blocks: the encoder holds those before --si_position, the decoder the rest."""
+    run = loop.prepare(TrainConfig(workdir=str(tmp_path / "w"),
+                                   **{**BASE, "recipe": "mdt", "si_position": si_position}))
+    assert (run.model_config.depth, run.model_config.decoder_depth) == (encoder_depth, 4 - encoder_depth)
+    assert run.model_config.side_interpolater
+
+
+def test_changing_si_position_under_existing_workdir_is_rejected(tmp_path):
+    cfg = TrainConfig(workdir=str(tmp_path), **{**BASE, "recipe": "mdt"})
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_json()))
+    with pytest.raises(ConfigError, match="--si_position: 1 differs from None"):
+        loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "recipe": "mdt", "si_position": 1}))
 
 
 @pytest.mark.parametrize("flag,old,new", [("ema_decay", 0.0, 0.999), ("ema_decay", 0.999, 0.0),

@@ -11,12 +11,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from unidiff import corruption as uc
 from unidiff import models as um
 from unidiff.train.optim import OptimConfig, make_optimizer
 from unidiff.train.state import init_state
-from unidiff.train.step import StepConfig, make_mesh, make_train_step, replicate, shard_batch
+from unidiff.train.step import (
+    StepConfig, check_model_fits_recipe, make_mesh, make_train_step, replicate, shard_batch,
+)
 
 
 def _tree_equal(a, b) -> bool:
@@ -93,3 +96,57 @@ def test_step_update_equals_the_optax_reference_chain():
     assert not _tree_equal(out["ours"], params0)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  out["ours"], out["reference"])
+
+
+def _traces(model, recipe, batch_size, image_size):
+    """Whether the model and the UMD loss trace on ``recipe``'s branches (the oracle for
+    ``check_model_fits_recipe``: the step's own loss, without the up-front check)."""
+    cfg = model.config
+    schedule = uc.make_schedule(recipe.schedule, recipe.num_steps)
+    n_clean, _ = uc.split_batch(batch_size, recipe.r_t0, 1)
+
+    def loss(params, images, keys):
+        x0 = uc.patchify(images, cfg.patch_size)
+        branches = uc.mix(recipe, schedule, keys, x0, None, num_clean=n_clean)
+        preds = tuple(model.apply(params, b.x_t, b.t, b.labels, b.masking) for b in branches)
+        return uc.umd_loss(recipe, schedule, branches, preds)[0]
+
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch_size))
+    try:
+        jax.eval_shape(loss, params, images, keys)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("arch", ["umd", "mdt", "dit"])
+@pytest.mark.parametrize("recipe", ["umd", "umd_finetune", "mae", "dit", "maskdit", "mdt", "dit_half_clean"])
+def test_model_recipe_check_rejects_what_cannot_train(arch, recipe):
+    """``check_model_fits_recipe`` rejects the pairs whose loss cannot be traced (MDT's
+    eps-only head on a clean branch, exact DiT on masked input) and the eps-only models
+    under the eps + x0 noisy loss (whose x0 would be derived from eps), and nothing
+    else; the step builder rejects them before tracing anything."""
+    size, batch = 8, 20  # 20 rows: umd_finetune's r_t0 = 0.05 gets one clean row
+    cfg = {"umd": lambda: um.umd_config("P/2", size, 3, num_classes=0),
+           "mdt": lambda: um.mdt_config("P/2", size, 3, num_classes=0, si_position=-1),
+           "dit": lambda: um.dit_config("P/2", size, 3, num_classes=0, output="x0_eps")}[arch]()
+    # DiT's recipe with half its rows clean (t = 0, masked at m_t0).
+    rec = (uc.recipes.dit(r_t0=0.5, m_t0=0.75) if recipe == "dit_half_clean"
+           else uc.recipes.get(recipe))
+    model = um.Model(cfg)
+    traces = _traces(model, rec, batch, size)
+    derives_x0 = cfg.output != "x0_eps" and rec.has_noisy and rec.noisy_loss == "eps_x0"
+    try:
+        check_model_fits_recipe(cfg, rec)
+        accepted = True
+    except ValueError as e:
+        accepted = False
+        assert rec.name in str(e)
+    assert accepted == (traces and not derives_x0), (arch, recipe, traces, derives_x0)
+    if not accepted:
+        optimizer = make_optimizer(OptimConfig(batch_size=batch, total_steps=1, warmup_steps=0))
+        with pytest.raises(ValueError, match=f"recipe {rec.name!r}"):
+            make_train_step(model, rec, optimizer, make_mesh(1), batch,
+                            StepConfig(patch_size=2, num_classes=0))

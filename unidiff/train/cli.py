@@ -48,6 +48,8 @@ HELP = {
     "label_dropout": "Override the recipe's label-dropout probability.",
     "class_conditional": "Condition the model on labels (finetuning).",
     "num_cls_tokens": "CLS tokens in the encoder; -1 = architecture default.",
+    "si_position": "MDT's side-interpolater sits before this block of the model's blocks "
+                   "(negative counts from the end; --arch mdt only); unset = -2, before the last two.",
     "max_nonfinite": "Stop after this many consecutive non-finite losses.",
     "num_devices": "Devices on the data mesh; 0 = all.",
     "init_from": "A pretraining workdir to initialise from (finetune).",

@@ -70,6 +70,7 @@ class TrainConfig:
     label_dropout: float | None = None
     class_conditional: bool = False
     num_cls_tokens: int = -1  # -1 = the architecture's default
+    si_position: int | None = None  # --arch mdt only; None = MDT's -2
     max_nonfinite: int = 10
     num_devices: int = 0  # 0 = all devices
     init_from: str | None = None  # finetune: a pretraining workdir
@@ -133,13 +134,16 @@ class TrainConfig:
             fail("max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
         if self.stop_after < 0:
             fail("stop_after", f"must be >= 0 (0 = run to the end), got {self.stop_after}")
+        if self.si_position is not None and self.resolved_arch() != "mdt":
+            fail("si_position", f"only applies to the mdt architecture (the side-interpolater), "
+                 f"but --arch resolves to {self.resolved_arch()!r} for --recipe {self.recipe}")
         if self.num_devices < 0:
             fail("num_devices", f"must be >= 0 (0 = all), got {self.num_devices}")
 
     # Changing these under an existing workdir would silently corrupt a resumed run.
     RESUME_KEYS = ("recipe", "arch", "model", "dataset", "image_size", "batch_size",
                    "r_t0", "m_t0", "m_t", "class_conditional", "num_cls_tokens",
-                   "compute_dtype", "seed")
+                   "si_position", "compute_dtype", "seed")
 
     # Whether these are on decides the checkpoint's structure (EMA parameters; the clip's
     # optimizer state), so a resumed run cannot switch them; their values may change.

@@ -29,7 +29,9 @@ from unidiff.train import checkpoint as ckpt_lib
 from unidiff.train.config import ConfigError, TrainConfig
 from unidiff.train.optim import OptimConfig, lr_schedule, make_optimizer
 from unidiff.train.state import TrainState, init_state
-from unidiff.train.step import StepConfig, make_mesh, make_train_step, replicate, shard_batch
+from unidiff.train.step import (
+    StepConfig, check_model_fits_recipe, make_mesh, make_train_step, replicate, shard_batch,
+)
 
 log = logging.getLogger("unidiff")
 
@@ -87,6 +89,8 @@ def model_config_for(cfg: TrainConfig, image_size: int, channels: int, num_class
     overrides = {}
     if cfg.num_cls_tokens >= 0:
         overrides["num_cls_tokens"] = cfg.num_cls_tokens
+    if cfg.si_position is not None:  # validate() allows it only for mdt
+        overrides["si_position"] = cfg.si_position
     try:
         if arch == "dit":
             # DiT's blocks and embeddings with UMD's x0 + eps heads, which the losses need.
@@ -95,6 +99,9 @@ def model_config_for(cfg: TrainConfig, image_size: int, channels: int, num_class
         return ARCH_BUILDERS[arch](variant, image_size, channels, num_classes=num_classes,
                                    **overrides)
     except ValueError as e:
+        if str(e).startswith("si_position:"):
+            given = "" if cfg.si_position is not None else " (the default; set --si_position)"
+            raise ConfigError(f"--{e}{given} at --model {variant}") from None
         raise ConfigError(f"--model {variant} (--arch {arch}): {e}") from None
 
 
@@ -119,6 +126,10 @@ def prepare(cfg: TrainConfig) -> Run:
         recipe.validate_for(num_tokens)
     except ValueError as e:
         raise ConfigError(f"--recipe {cfg.recipe}: {e} (image has {num_tokens} tokens)") from None
+    try:
+        check_model_fits_recipe(model_config, recipe)
+    except ValueError as e:
+        raise ConfigError(f"--arch {cfg.resolved_arch()} does not fit --recipe {cfg.recipe}: {e}") from None
 
     num_devices = cfg.num_devices or jax.device_count()
     if num_devices > jax.device_count():

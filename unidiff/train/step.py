@@ -63,6 +63,44 @@ def device_layout(batch_size: int, n_clean: int, num_devices: int) -> np.ndarray
     return np.concatenate(perm).astype(np.int32)
 
 
+def check_model_fits_recipe(config: Any, recipe: uc.Recipe) -> None:
+    """ValueError when ``recipe``'s loss needs a head or an input the model lacks.
+
+    ``config`` is the model's ``ModelConfig``. Two kinds of term need the x0 head:
+    the clean (t = 0) branch, where x_t = x0 leaves no noise to predict, and the x0
+    term of the noisy loss ``eps_x0`` (UMD, DiT, MaskDiT; REFERENCE sec. 1 trains both
+    heads). ``umd_loss`` could derive x0 from an eps-only head, but that x0's error is
+    the eps error times sqrt((1 - alpha_bar_t) / alpha_bar_t), about 2e4 at t = T on
+    the cosine schedule, so a few large-t rows would dominate every batch. Hiding
+    tokens needs a mask token (or MDT's side-interpolater) to fill their slots. Without
+    this check the first two surface only as a traceback or a diverging loss once the
+    step runs.
+    """
+    if config.output != "x0_eps":
+        if recipe.has_clean:
+            raise ValueError(
+                f"recipe {recipe.name!r} trains its clean (t = 0) branch (r_t0 = {recipe.r_t0}) "
+                f"on an x0 prediction, but the model predicts {config.output!r} without an x0 "
+                "head; use an architecture with x0 and eps heads (output 'x0_eps'), or r_t0 = 0"
+            )
+        if recipe.has_noisy and recipe.noisy_loss == "eps_x0":
+            raise ValueError(
+                f"the noisy loss of recipe {recipe.name!r}, 1/2 (eps MSE + x0 MSE), needs an x0 head, "
+                f"but the model predicts {config.output!r}; an x0 derived from eps would "
+                "multiply the eps error by up to 2e4 at large t. Use an architecture with x0 "
+                "and eps heads (output 'x0_eps'), or the eps-only loss of the mdt recipe"
+            )
+    num_tokens = config.num_tokens
+    hides = [k for k in recipe.keep_counts(num_tokens) if k is not None and k < num_tokens]
+    if hides and not (config.mask_token or config.side_interpolater):
+        raise ValueError(
+            f"recipe {recipe.name!r} hides tokens (m_t0 = {recipe.m_t0}, m_t = {recipe.m_t}: "
+            f"{min(hides)} of {num_tokens} visible), but the model has no mask token to fill "
+            "the hidden slots (mask_token=False, as in exact DiT); use a masking architecture "
+            "or mask ratios of 0"
+        )
+
+
 def _cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
@@ -84,6 +122,7 @@ def make_train_step(
     :func:`unidiff.train.optim.make_optimizer` reuses it); a transformation without extra
     arguments is called as usual.
     """
+    check_model_fits_recipe(model.config, recipe)
     optimizer = optax.with_extra_args_support(optimizer)
     num_devices = mesh.shape[DATA_AXIS]
     n_clean, _ = uc.split_batch(batch_size, recipe.r_t0, num_devices)
