@@ -18,7 +18,8 @@ from unidiff import models as um
 from unidiff.train.optim import OptimConfig, make_optimizer
 from unidiff.train.state import init_state
 from unidiff.train.step import (
-    StepConfig, check_model_fits_recipe, make_mesh, make_train_step, replicate, shard_batch,
+    StepConfig, check_model_fits_recipe, drop_labels, make_mesh, make_train_step, replicate,
+    shard_batch,
 )
 
 
@@ -150,3 +151,27 @@ def test_model_recipe_check_rejects_what_cannot_train(arch, recipe):
         with pytest.raises(ValueError, match=f"recipe {rec.name!r}"):
             make_train_step(model, rec, optimizer, make_mesh(1), batch,
                             StepConfig(patch_size=2, num_classes=0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_drop_labels_nulls_clean_rows_and_drops_the_recipes_fraction(seed):
+    """umd_finetune at batch 400: the 20 clean rows always see the null class; each
+    noisy row independently with p = 0.1 (binomial: 38 of 380 expected, sd 5.8), and
+    kept rows keep their label. The decision is a function of the row's key alone."""
+    batch, null = 400, 10
+    recipe = uc.recipes.umd_finetune()
+    n_clean, _ = uc.split_batch(batch, recipe.r_t0, 1)
+    keys = jax.random.split(jax.random.key(seed), batch)
+    labels = jax.random.randint(jax.random.key(seed + 100), (batch,), 0, null)
+    out = np.asarray(drop_labels(keys, labels, recipe.label_dropout, n_clean, null))
+    assert n_clean == 20 and (out[:n_clean] == null).all()
+    dropped = out[n_clean:] == null
+    assert 38 - 4 * 5.8 < dropped.sum() < 38 + 4 * 5.8, dropped.sum()
+    np.testing.assert_array_equal(out[n_clean:][~dropped], np.asarray(labels)[n_clean:][~dropped])
+    # Rows reordered (as on another device layout) keep their own decisions.
+    perm = np.random.default_rng(seed).permutation(batch - n_clean) + n_clean
+    again = np.asarray(drop_labels(keys[perm], labels[perm], recipe.label_dropout, 0, null))
+    np.testing.assert_array_equal(again, out[perm])
+    # Without dropout only the clean rows change.
+    np.testing.assert_array_equal(np.asarray(drop_labels(keys, labels, 0.0, n_clean, null))[n_clean:],
+                                  np.asarray(labels)[n_clean:])

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxtyping import Array, Int, PRNGKeyArray
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unidiff import corruption as uc
@@ -101,6 +102,19 @@ def check_model_fits_recipe(config: Any, recipe: uc.Recipe) -> None:
         )
 
 
+def drop_labels(
+    keys: PRNGKeyArray, labels: Int[Array, "b"], label_dropout: float, num_clean: int, null: int
+) -> Int[Array, "b"]:
+    """Labels as the model sees them: the first ``num_clean`` rows (the clean branch)
+    always get the ``null`` class, every other row independently with probability
+    ``label_dropout`` (classifier-free guidance's dropout), decided by its own key so
+    that a row's label does not depend on how the batch is split over devices."""
+    # fold_in: a stream independent of the bits ``mix`` draws from the same row key.
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0x1AB)))(keys)
+    drop = (u < label_dropout) | (jnp.arange(labels.shape[0]) < num_clean)
+    return jnp.where(drop, null, labels)
+
+
 def _cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
@@ -137,12 +151,7 @@ def make_train_step(
     def local_loss(params, images, labels, keys):
         x0 = uc.patchify(images, cfg.patch_size)  # (b, L, P) float32
         if conditional:
-            # Label dropout to the null class (classifier-free guidance); the clean
-            # branch always sees the null label.
-            drop_u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0x1AB)))(keys)
-            rows = jnp.arange(labels.shape[0])
-            drop = (drop_u < recipe.label_dropout) | (rows < n_clean_local)
-            labels = jnp.where(drop, null, labels)
+            labels = drop_labels(keys, labels, recipe.label_dropout, n_clean_local, null)
         else:
             labels = None
         branches = uc.mix(recipe, schedule, keys, x0, labels, num_clean=n_clean_local)
