@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from unidiff import corruption as uc
@@ -69,7 +69,8 @@ def np_umd(branches, preds, names, norm_pix=False):
     if nn:
         b, p = by["noisy"]
         if b.masking is None:
-            eps_l, x0_l = np_mse(p.eps, b.eps), np_mse(p.x0, b.x0)
+            eps_l = np_mse(p.eps, b.eps)
+            x0_l = np_mse(p.x0, np_norm_pix(b.x0) if norm_pix else b.x0)
         else:
             hidden = b.masking.mask
             eps_l = np_mae_loss(p.eps, b.eps, 1 - hidden, False)
@@ -139,14 +140,19 @@ def test_gradients_cover_exactly_the_right_tokens(seed, name):
 
 
 @settings(max_examples=8, deadline=None)
-@given(name=st.sampled_from(["umd", "umd_finetune", "maskdit", "dit"]), seed=st.integers(0, 2**31 - 1))
-def test_umd_loss_equals_the_numpy_formula(name, seed):
-    recipe = recipes.get(name, num_steps=T)
+@given(name=st.sampled_from(["umd", "umd_finetune", "maskdit", "dit"]), seed=st.integers(0, 2**31 - 1),
+       norm_pix=st.booleans())
+@example(name="umd", seed=0, norm_pix=True).via("norm_pix on both branches")
+@example(name="dit", seed=0, norm_pix=True).via("norm_pix on an unmasked noisy branch")
+def test_umd_loss_equals_the_numpy_formula(name, seed, norm_pix):
+    """Also with per-patch normalised x0 targets (norm_pix_loss), which the presets use
+    only on the clean branch (MAE, USP) but the loss applies to every x0 term."""
+    recipe = recipes.get(name, num_steps=T, norm_pix_loss=norm_pix)
     branches = mixed(recipe, seed)
     preds = random_preds(branches, seed)
     names = recipe.branch_names(uc.split_batch(B, recipe.r_t0)[0], B)
     loss, _ = jit_loss(recipe, SCHEDULES[recipe.schedule], branches, preds)
-    np.testing.assert_allclose(float(loss), np_umd(branches, preds, names), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), np_umd(branches, preds, names, norm_pix), rtol=1e-5)
 
 
 @settings(max_examples=6, deadline=None)

@@ -143,9 +143,15 @@ def test_no_masking_is_identity():
     np.testing.assert_array_equal(m.ids_restore, np.tile(np.arange(5), (3, 1)))
 
 
-@pytest.mark.parametrize("l,ratio", [(4, 1.0), (4, -0.1), (4, 0.8), (1, 0.5), (0, 0.0)])
-def test_num_kept_rejects(l, ratio):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("l,ratio,needle", [
+    (4, 1.0, r"mask_ratio must be in \[0, 1\), got 1.0"),
+    (4, -0.1, r"mask_ratio must be in \[0, 1\), got -0.1"),
+    (4, 0.8, "mask_ratio=0.8 keeps 0 of 4 tokens"),
+    (1, 0.5, "mask_ratio=0.5 keeps 0 of 1 tokens"),
+    (0, 0.0, "num_tokens must be >= 1, got 0"),
+])
+def test_num_kept_rejects(l, ratio, needle):
+    with pytest.raises(ValueError, match=needle):
         uc.num_kept(l, ratio)
 
 

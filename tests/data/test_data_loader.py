@@ -207,11 +207,21 @@ def test_latent_loader(tmp_path, fakes):
         loader(src, batch_size=4, seed=0, image_size=8)
 
 
-def test_default_shard_is_jax_process():
-    src = index_source(12)
-    a = next(ud.make_loader(src, batch_size=4, seed=0, read_threads=1))
-    b = next(loader(src, batch_size=4, seed=0))
+@pytest.mark.parametrize("index,count", [(0, 1), (1, 2), (2, 3)])
+def test_default_shard_is_jax_process(monkeypatch, index, count):
+    """Without an explicit shard the loader yields this JAX process's block of the
+    global batch (a multi-process run is simulated by patching jax's process queries)."""
+    import jax
+
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+    src = index_source(24)
+    a = next(ud.make_loader(src, batch_size=6, seed=0, read_threads=1))
+    b = next(loader(src, batch_size=6, seed=0, shard_index=index, shard_count=count))
     np.testing.assert_array_equal(a["label"], b["label"])
+    assert len(a["label"]) == 6 // count
+    whole = next(loader(src, batch_size=6, seed=0))["label"]
+    np.testing.assert_array_equal(a["label"], whole[index * 6 // count:(index + 1) * 6 // count])
 
 
 def test_worker_processes_match_in_process_and_restore():

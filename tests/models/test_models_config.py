@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import unidiff.models as um
@@ -123,6 +125,6 @@ def test_invalid_configs_name_the_field(build, field):
 
 def test_config_is_frozen():
     cfg = um.umd_config("N/2", 8, 3)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.width = 3  # type: ignore[misc]
     assert cfg.replace(width=64).width == 64

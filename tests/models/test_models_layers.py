@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import unidiff.models as um
@@ -109,6 +109,12 @@ def _composed_norm(x, eps, gamma, beta, shift, scale):
 @settings(max_examples=10, deadline=None)
 @given(b=st.integers(1, 3), n=st.integers(1, 6), d=st.integers(2, 24), affine=st.sampled_from(["none", "gamma", "beta", "both"]),
        modulated=st.booleans(), seed=st.integers(0, 2**16))
+# Every affine case with modulation, always: the scale gradient's beta term exists only
+# there, and ten random draws miss it in about one run in ten.
+@example(b=2, n=3, d=5, affine="both", modulated=True, seed=0)
+@example(b=2, n=3, d=5, affine="beta", modulated=True, seed=1)
+@example(b=2, n=3, d=5, affine="gamma", modulated=True, seed=2)
+@example(b=2, n=3, d=5, affine="none", modulated=True, seed=3)
 def test_layer_norm_values_and_gradients_match_autodiff(b, n, d, affine, modulated, seed):
     rng = np.random.default_rng(seed)
     x = (1.5 + 2.0 * rng.standard_normal((b, n, d))).astype(np.float32)

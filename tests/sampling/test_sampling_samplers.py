@@ -48,9 +48,14 @@ def test_ddim_timesteps_structure(data):
     assert np.all(np.diff(got) < 0) and got[0] == T and got[-1] == 1
 
 
-@pytest.mark.parametrize("T,steps", [(1000, 0), (1000, 1001), (0, 1), (10, 2.5)])
-def test_ddim_timesteps_rejects_bad_input(T, steps):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("T,steps,needle", [
+    (1000, 0, r"steps must be an integer in \[1, T = 1000\], got 0"),
+    (1000, 1001, r"steps must be an integer in \[1, T = 1000\], got 1001"),
+    (0, 1, "num_steps .* must be an integer >= 1, got 0"),
+    (10, 2.5, r"steps must be an integer in \[1, T = 10\], got 2.5"),
+])
+def test_ddim_timesteps_rejects_bad_input(T, steps, needle):
+    with pytest.raises(ValueError, match=needle):
         ddim_timesteps(T, steps)
 
 
