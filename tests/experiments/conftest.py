@@ -15,11 +15,12 @@ def tiny_pretrained(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_finetuned(tiny_pretrained, tmp_path_factory):
-    """3 class-conditional finetune steps from ``tiny_pretrained`` (EMA on)."""
+    """3 class-conditional finetune steps from ``tiny_pretrained`` (EMA on), a checkpoint
+    after each: warmed up from lr 0, step 1 holds the initial parameters unchanged."""
     workdir = tmp_path_factory.mktemp("exp") / "ft"
     run_binary("finetune.py", [
         "--dataset=synthetic", "--batch_size=8", "--base_lr=1e-3", "--warmup_steps=1",
-        "--log_every=1", "--train_steps=3", "--ema_decay=0.5", "--seed=3",
+        "--log_every=1", "--train_steps=3", "--ema_decay=0.5", "--seed=3", "--ckpt_every=1",
         f"--init_from={tiny_pretrained}", f"--workdir={workdir}",
     ])
     return workdir

@@ -94,3 +94,71 @@ def np_layer_norm(x, scale=None, offset=None, eps=1e-6):
 
 def np_gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+# --------------------------------------------------------------------------------------
+# Float64 numpy forwards built from the parameters alone (REFERENCE sec. 2 and 3).
+# --------------------------------------------------------------------------------------
+def np_params(params):
+    """Haiku ``{'a/b': {'w': ...}}`` -> nested float64 dicts ``{'a': {'b': {'w': ...}}}``
+    (top-level parameters stay under ``'~'``)."""
+    out = {}
+    for path, leaves in params.items():
+        node = out
+        for part in path.split("/"):
+            node = node.setdefault(part, {})
+        node.update({k: np.asarray(v, np.float64) for k, v in leaves.items()})
+    return out
+
+
+def np_dense(x, p):
+    return x @ p["w"] + p["b"]
+
+
+def np_silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def np_norm(x, p, name, shift=None, scale=None, eps=1e-6):
+    """LayerNorm with the affine of ``p[name]`` when it has one, then the adaLN modulation."""
+    affine = p.get(name, {})
+    y = np_layer_norm(x, affine.get("scale"), affine.get("offset"), eps)
+    return y if shift is None else y * (1 + scale[:, None]) + shift[:, None]
+
+
+def np_block(x, cond, p, heads, adaln, bias=None):
+    """One transformer block: AdaLN-Zero (DiT) or plain pre-norm ViT."""
+
+    def mlp(h):
+        return np_dense(np_gelu_tanh(np_dense(h, p["mlp"]["fc1"])), p["mlp"]["fc2"])
+
+    if not adaln:
+        x = x + np_attention(np_norm(x, p, "norm1"), p["attn"], heads, bias)
+        return x + mlp(np_norm(x, p, "norm2"))
+    sa, ca, ga, sm, cm, gm = np.split(np_dense(cond, p["adaln"]), 6, axis=-1)
+    x = x + ga[:, None] * np_attention(np_norm(x, p, "norm1", sa, ca), p["attn"], heads, bias)
+    return x + gm[:, None] * mlp(np_norm(x, p, "norm2", sm, cm))
+
+
+def np_rel_bias(table, grid):
+    """(H, L, L) relative position bias of raster tokens: the pair (i, j) reads table row
+    (dr + g - 1)(2g - 1) + (dc + g - 1) for the row / column offsets of i from j."""
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    dr = rows[:, None] - rows[None, :] + grid - 1
+    dc = cols[:, None] - cols[None, :] + grid - 1
+    return table[dr * (2 * grid - 1) + dc].transpose(2, 0, 1)
+
+
+def np_fill_hidden(visible, masking, fill):
+    """Raster-order sequence from the K visible tokens (shuffle order, i.e. in the order
+    of ``masking.ids_keep``); every slot that ``masking.mask`` hides gets ``fill``.
+    Built from ids_keep and mask, not from ids_restore."""
+    ids_keep = np.asarray(masking.ids_keep)
+    hidden = np.asarray(masking.mask) > 0
+    b, k, d = visible.shape
+    assert ((~hidden).sum(1) == k).all() and not np.take_along_axis(hidden, ids_keep, 1).any()
+    full = np.full((b, hidden.shape[1], d), np.nan)
+    full[hidden] = fill
+    full[np.arange(b)[:, None], ids_keep] = visible
+    assert not np.isnan(full).any()
+    return full

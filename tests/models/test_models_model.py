@@ -1,5 +1,7 @@
 """The composed model: shapes for every preset, masking equivalences, the
-side-interpolater, K-token encoder, tracing counts, representations, dtypes."""
+side-interpolater, K-token encoder, tracing counts, representations, dtypes; the
+decoder on masked input, the side-interpolater's hidden slots and the pooled
+representation against float64 numpy forwards built from the parameters."""
 
 from __future__ import annotations
 
@@ -12,9 +14,13 @@ import numpy as np
 import pytest
 
 import unidiff.models as um
-from models_testlib import IMAGE, NUM_CLASSES, assert_close, host_cast, inputs, jit, random_params, tiny_configs
+from models_testlib import (
+    IMAGE, NUM_CLASSES, assert_close, host_cast, inputs, jit, np_block, np_dense, np_fill_hidden, np_norm,
+    np_params, np_rel_bias, np_silu, random_params, tiny_configs,
+)
 from unidiff.corruption.masking import Masking, num_kept, random_masking
 from unidiff.corruption.patches import patchify
+from unidiff.models.layers import sincos_2d
 
 CONFIGS = tiny_configs()
 L = (IMAGE // 2) ** 2
@@ -113,9 +119,21 @@ def test_side_interpolater_masked_shortcut():
     hidden = np.asarray(masking.mask, bool)
     expected_visible = np.asarray(full) + pos
     assert_close(out[~hidden], expected_visible[~hidden], 0, 1e-6)  # visible pass through
-    filled = np.asarray(sp["~"]["mask_token"]) + pos[None]
-    filled = np.broadcast_to(filled, out.shape)
-    assert not np.allclose(out[hidden], filled[hidden], atol=1e-3)  # hidden: the block's prediction
+    # Hidden: the block's prediction on q = [visible tokens, mask token in the hidden
+    # slots] + pos, in float64 numpy (relative position bias, affine-free AdaLN block).
+    p = np_params(sp)
+    block = p["block"]
+
+    def reference(fill):
+        q = np_fill_hidden(np.asarray(visible, np.float64), masking, fill) + pos
+        bias = np_rel_bias(block["attn"]["rel_pos_bias"], cfg.grid_size)
+        return np_block(q, np.asarray(cond, np.float64), block, cfg.num_heads, True, bias)
+
+    want = reference(p["~"]["mask_token"])
+    assert_close(out[hidden], want[hidden], 1e-4, 1e-4)
+    # The mask token matters to every hidden slot (so the check above can fail).
+    zero_fill = reference(np.zeros(cfg.width))
+    assert (np.abs(zero_fill - want)[hidden].max(-1) > 1e-2).all()
 
     # A mask that hides nothing makes the masked path equal the unmasked one.
     keep_all = _masking(3, 0.0, seed=9)
@@ -245,6 +263,100 @@ def test_representation():
     rep0, enc0 = jit(lambda p, im: (model0.represent(p, im, t=3),
                                     model0.encode(p, patchify(im, 2), jnp.full((3,), 3, jnp.int32))))(params0, images)
     assert_close(rep0, np.asarray(enc0.tokens).mean(1), 1e-5, 1e-6)
+
+
+def _np_decoder(cfg, p, tokens, rep, cond, masking):
+    """REFERENCE sec. 2: [pooled CLS rep, cond token (MAE mode)] + visible tokens ->
+    (decoder_embed if widths differ) -> hidden slots get the mask token -> + decoder
+    position embedding -> blocks -> drop the prepended tokens -> final layer -> x0, eps."""
+    extras = ([rep[:, None]] if cfg.num_cls_tokens else []) + ([] if cfg.adaln else [cond[:, None]])
+    e = len(extras)
+    x = tokens
+    if cfg.dec_width != cfg.width:
+        seq = np.concatenate(extras + [x], axis=1)
+        if cfg.adaln:
+            shift, scale = np.split(np_dense(cond, p["decoder_embed"]["adaln"]), 2, axis=-1)
+            seq = np_norm(seq, p["decoder_embed"], "norm", shift, scale)
+        seq = np_dense(seq, p["decoder_embed"]["linear"])
+        extras, x = [seq[:, :e]], seq[:, e:]
+    x = np_fill_hidden(x, masking, p["~"]["mask_token"])
+    learned = cfg.decoder_pos_embed == "learned"
+    x = x + (p["~"]["pos_embed"] if learned else sincos_2d(cfg.dec_width, cfg.grid_size))
+    seq = np.concatenate(extras + [x], axis=1)
+    for i in range(cfg.decoder_depth):
+        seq = np_block(seq, cond, p[f"block_{i}"], cfg.dec_heads, cfg.adaln)
+    head = p["final_layer"]
+    mod = np.split(np_dense(cond, head["adaln"]), 2, axis=-1) if cfg.adaln else (None, None)
+    out = np_dense(np_norm(seq[:, e:], head, "norm", *mod), head["linear"])
+    b, length, c = out.shape[0], out.shape[1], cfg.in_channels
+    per_pixel = out.reshape(b, length, cfg.patch_size**2, 2 * c)
+    return per_pixel[..., :c].reshape(b, length, -1), per_pixel[..., c:].reshape(b, length, -1)
+
+
+# umd: AdaLN, CLS rep prepended, learned decoder pos-embed, no projection; mae: plain
+# blocks, rep + cond tokens, Dense projection, sin-cos; maskdit: AdaLN projection, no CLS.
+@pytest.mark.parametrize("name", ["umd", "mae", "maskdit"])
+def test_decoder_fills_hidden_slots_with_the_mask_token(name):
+    cfg = CONFIGS[name]
+    assert cfg.output == "x0_eps" and cfg.decoder_has_mask_token
+    model, params, _ = built(name)
+    rng = np.random.default_rng(3)
+    tokens, rep, cond = (rng.standard_normal(s).astype(np.float32)
+                         for s in ((3, 4, cfg.width), (3, cfg.width), (3, cfg.width)))
+    masking = _masking(3, RATIOS[0])  # K = 4 of 16: 12 hidden slots per row
+    pred = jit(model.decoder.apply)(params["decoder"], tokens, rep, cond, masking.ids_restore)
+    p = np_params(params["decoder"])
+    args = [np.asarray(a, np.float64) for a in (tokens, rep, cond)]
+    x0, eps = _np_decoder(cfg, p, *args, masking)
+    assert_close(pred.x0, x0, 1e-4, 1e-4)
+    assert_close(pred.eps, eps, 1e-4, 1e-4)
+    # A zero fill would give a different output (so the checks above can fail).
+    p_zero = dict(p, **{"~": dict(p["~"], mask_token=np.zeros_like(p["~"]["mask_token"]))})
+    assert np.abs(_np_decoder(cfg, p_zero, *args, masking)[0] - x0).max() > 1e-2
+
+
+def _np_represent(cfg, p, images):
+    """REFERENCE sec. 2: patches -> Dense + pos; [cond token (MAE mode), CLS tokens] in
+    front; blocks; final LayerNorm; mean of the CLS outputs. t = 0, no label."""
+    b, ps, g, w = images.shape[0], cfg.patch_size, cfg.grid_size, cfg.width
+    patches = images.reshape(b, g, ps, g, ps, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, -1)
+    half = cfg.frequency_dim // 2
+    assert cfg.num_classes == 0 and cfg.freq_order == "sin_cos" and cfg.frequency_dim % 2 == 0
+    feats = np.concatenate([np.zeros((b, half)), np.ones((b, half))], axis=1)  # sin(0), cos(0)
+    te = p["time_embed"]
+    cond = np_silu(np_dense(np_silu(np_dense(feats, te["fc1"])), te["fc2"]))
+    x = np_dense(patches, p["patch_embed"])
+    x = x + (p["~"]["pos_embed"] if cfg.pos_embed == "learned" else sincos_2d(w, g))
+    cls = np.broadcast_to(p["~"]["cls_tokens"], (b, cfg.num_cls_tokens, w))
+    extras = ([] if cfg.adaln else [cond[:, None]]) + [cls]
+    e = sum(a.shape[1] for a in extras)
+    seq = np.concatenate(extras + [x], axis=1)
+    for i in range(cfg.depth):
+        seq = np_block(seq, cond, p[f"block_{i}"], cfg.num_heads, cfg.adaln)
+    seq = np_norm(seq, p, "norm")
+    return seq[:, e - cfg.num_cls_tokens : e].mean(1), seq, e
+
+
+@pytest.mark.parametrize("arch", ["umd", "umd_no_adaln", "mae"])
+def test_representation_pools_the_cls_tokens(arch):
+    tiny = dict(width=32, num_heads=2)  # P/2: one encoder block
+    cfg = {
+        "umd": lambda: um.umd_config("P/2", IMAGE, 3, num_classes=0, **tiny),
+        "umd_no_adaln": lambda: um.umd_config("P/2", IMAGE, 3, num_classes=0, adaln=False, **tiny),
+        "mae": lambda: um.mae_config("P/2", IMAGE, 3, decoder_width=16, decoder_heads=2, decoder_depth=1, **tiny),
+    }[arch]()
+    assert cfg.num_cls_tokens == (1 if arch == "mae" else 4) and cfg.adaln == (arch == "umd")
+    model = um.Model(cfg)
+    params = random_params(model, seed=6)
+    images = np.random.default_rng(7).uniform(-1, 1, (3, IMAGE, IMAGE, 3)).astype(np.float32)
+    rep = jit(model.represent)(params, images)
+    want, seq, e = _np_represent(cfg, np_params(params["encoder"]), np.asarray(images, np.float64))
+    assert_close(rep, want, 1e-4, 1e-4)
+    # Other pools differ, so the check can fail: the first tokens (the condition token
+    # in MAE mode) and the patch tokens.
+    if not cfg.adaln:
+        assert np.abs(seq[:, : cfg.num_cls_tokens].mean(1) - want).max() > 1e-2
+    assert np.abs(seq[:, e:].mean(1) - want).max() > 1e-2
 
 
 def test_bfloat16_params_and_inputs():

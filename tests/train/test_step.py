@@ -175,3 +175,47 @@ def test_drop_labels_nulls_clean_rows_and_drops_the_recipes_fraction(seed):
     # Without dropout only the clean rows change.
     np.testing.assert_array_equal(np.asarray(drop_labels(keys, labels, 0.0, n_clean, null))[n_clean:],
                                   np.asarray(labels)[n_clean:])
+
+
+def test_ema_is_decay_times_old_ema_plus_one_minus_decay_times_new_params():
+    """REFERENCE sec. 5-6: ema <- decay * ema + (1 - decay) * params, with the params
+    after this step's update. Checked in numpy from the states before and after one
+    finite step, starting from an EMA that differs from the params (an EMA equal to the
+    params could not tell ema from params), at decay 0.9 (0.5 would be symmetric in the
+    two). ``init_state`` starts the EMA as a copy of the params, and a non-finite step
+    then leaves this (non-trivial) EMA unchanged."""
+    cfg = um.umd_config("P/2", image_size=8, in_channels=3)
+    model, batch_size, decay = um.Model(cfg), 4, 0.9
+    # The optimizer, model and step of test_nonfinite_step_is_skipped_and_counted: one compile.
+    optimizer = make_optimizer(OptimConfig(base_lr=1e-2, batch_size=batch_size, total_steps=10,
+                                           warmup_steps=0))
+    mesh = make_mesh(1)
+    state = init_state(model.init(jax.random.key(0)), optimizer, jax.random.key(1), use_ema=True)
+    assert _tree_equal(state.ema_params, state.params)
+    assert init_state(state.params, optimizer, jax.random.key(1), use_ema=False).ema_params is None
+    rng = np.random.default_rng(1)
+    ema0 = jax.tree.map(lambda p: np.asarray(p) + rng.normal(0.0, 1.0, p.shape).astype(p.dtype),
+                        jax.device_get(state.params))
+    state = replicate(state._replace(ema_params=jax.tree.map(jnp.asarray, ema0)), mesh)
+    step = make_train_step(model, uc.recipes.umd(), optimizer, mesh, batch_size,
+                           StepConfig(patch_size=2, num_classes=0, ema_decay=decay))
+    good = {"image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32),
+            "label": np.zeros(batch_size, np.int32)}
+    params0 = jax.device_get(state.params)
+
+    state, metrics = step(state, shard_batch(good, mesh, batch_size))
+    after = jax.device_get(state)
+    assert bool(metrics["finite"])
+    assert not _tree_equal(after.params, params0)
+    expected = jax.tree.map(lambda e, p: decay * np.float64(e) + (1 - decay) * np.float64(p),
+                            ema0, after.params)
+    got = jax.tree_util.tree_flatten_with_path(after.ema_params)[0]
+    for (path, leaf), want in zip(got, jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(leaf, want, rtol=1e-6, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+
+    bad = dict(good, image=np.full_like(good["image"], np.nan))
+    state, metrics = step(state, shard_batch(bad, mesh, batch_size))
+    assert not bool(metrics["finite"])
+    assert _tree_equal(jax.device_get(state.ema_params), after.ema_params)
+    assert _tree_equal(jax.device_get(state.params), after.params)
