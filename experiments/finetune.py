@@ -39,25 +39,6 @@ FLAGS = flags.FLAGS
 log = logging.getLogger("unidiff")
 
 
-def merge_pretrained(fresh, pretrained):
-    """Take every pretrained leaf whose path and shape match; keep fresh ones otherwise."""
-    import jax
-
-    flat_pre = {jax.tree_util.keystr(p): v
-                for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
-    new = []
-
-    def pick(path, leaf):
-        k = jax.tree_util.keystr(path)
-        if k in flat_pre and tuple(flat_pre[k].shape) == tuple(leaf.shape):
-            return jax.numpy.asarray(flat_pre[k], leaf.dtype)
-        new.append(k)
-        return leaf
-
-    merged = jax.tree_util.tree_map_with_path(pick, fresh)
-    return merged, new
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -85,7 +66,7 @@ def main(argv):
 
     def init_params(model, key):
         pretrained, step = ckpt_lib.restore_params(FLAGS.init_from, use_ema=True)
-        merged, new = merge_pretrained(jax.jit(model.init)(key), pretrained)
+        merged, new = ckpt_lib.merge_pretrained(jax.jit(model.init)(key), pretrained)
         log.info("initialised from %s step %d; new parameters: %s",
                  FLAGS.init_from, step, ", ".join(new) or "none")
         return merged

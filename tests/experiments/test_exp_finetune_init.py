@@ -1,6 +1,6 @@
 """experiments/finetune.py starts from the pretrained parameters (UMD sec. 4).
 
-``merge_pretrained`` takes every pretrained leaf whose path and shape match the fresh
+``unidiff.train.checkpoint.merge_pretrained`` takes every pretrained leaf whose path and shape match the fresh
 model's and keeps the fresh leaf otherwise (the new label embedding). Checked as a unit
 on hand-made trees and end to end: the finetuned run's parameters at step 1 (its lr is
 0 there, warmed up from 0) are the pretrained checkpoint's, read back from its files,
@@ -9,29 +9,14 @@ and its label embedding is the fresh initialisation's.
 
 from __future__ import annotations
 
-import ast
 import json
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tests.e2e_helpers import ROOT, read_metrics
-from unidiff.train.checkpoint import ITEMS, checkpoint_dir
-
-FINETUNE = ROOT / "experiments" / "finetune.py"
-
-
-def _merge_pretrained():
-    """``finetune.merge_pretrained`` compiled from the binary's source alone: importing
-    the binary would define its absl flags, which clash with the flags other test
-    modules define in the same process (the benchmark's --batch_size, --model, ...)."""
-    tree = ast.parse(FINETUNE.read_text(), str(FINETUNE))
-    fn = next(n for n in tree.body
-              if isinstance(n, ast.FunctionDef) and n.name == "merge_pretrained")
-    namespace: dict = {}
-    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(FINETUNE), "exec"), namespace)
-    return namespace["merge_pretrained"]
+from tests.e2e_helpers import read_metrics
+from unidiff.train.checkpoint import ITEMS, checkpoint_dir, merge_pretrained
 
 
 def _flat(tree) -> dict:
@@ -50,7 +35,6 @@ def _read_state(workdir, step: int) -> dict:
 
 
 def test_merge_pretrained_takes_matching_leaves_and_keeps_the_rest_fresh():
-    merge_pretrained = _merge_pretrained()
     rng = np.random.default_rng(0)
     fresh = {"encoder": {"w": rng.normal(size=(2, 3)).astype(np.float32),
                          "b": np.zeros(3, np.float32)},

@@ -117,6 +117,25 @@ def restore_params(workdir: str, use_ema: bool = True) -> tuple[Any, int]:
     return jax.tree.map(lambda a: a, params), step
 
 
+def merge_pretrained(fresh: Any, pretrained: Any) -> tuple[Any, list[str]]:
+    """``fresh`` with every leaf whose path and shape match one of ``pretrained``'s
+    replaced by that leaf (cast to the fresh dtype); the others (e.g. the label
+    embedding a finetune adds) stay fresh. Returns ``(merged, paths of fresh leaves)``."""
+    flat_pre = {jax.tree_util.keystr(p): v
+                for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+    new = []
+
+    def pick(path, leaf):
+        k = jax.tree_util.keystr(path)
+        if k in flat_pre and tuple(flat_pre[k].shape) == tuple(leaf.shape):
+            return jax.numpy.asarray(flat_pre[k], leaf.dtype)
+        new.append(k)
+        return leaf
+
+    merged = jax.tree_util.tree_map_with_path(pick, fresh)
+    return merged, new
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
