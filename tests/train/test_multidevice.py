@@ -45,7 +45,7 @@ ARCHS = {  # name: (model config, recipe, device counts)
     "umd": (um.umd_config("P/2", 8, 3), uc.recipes.umd(), (1, 2, 8)),
     # Frozen sin-cos tables (replicated constants) meet per-device activations in the
     # hand-written gradients of add_batch_shared and layer_norm.
-    "dit": (um.dit_config("P/2", 8, 3, num_classes=0), uc.recipes.dit(), (1, 8)),
+    "dit": (um.dit_config("P/2", 8, 3, num_classes=0, output="x0_eps"), uc.recipes.dit(), (1, 8)),  # as --arch=dit
     "mae": (um.mae_config("P/2", 8, 3, **small_decoder), uc.recipes.mae(), (1, 8)),
     "maskdit": (um.maskdit_config("P/2", 8, 3, num_classes=0, **small_decoder), uc.recipes.maskdit(), (1, 8)),
     "mdt": (um.mdt_config("P/2", 8, 3, num_classes=0, si_position=-1), uc.recipes.mdt(), (1, 8)),
