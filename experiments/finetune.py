@@ -6,14 +6,14 @@ Starts from the latest checkpoint of a pretraining workdir (``--init_from``; its
 parameters if it kept any), adds the label embedding (num_classes + 1 rows, the last
 one the null class), and trains with the finetune recipe: r_t0 0.05, m_t0 0.75, m_t 0,
 10% label dropout, AdamW b2 0.999, no weight decay, crop area 0.95-1.0, EMA on. The
-architecture (model, arch, image size, CLS tokens) is read from the pretraining
-workdir's config.json. Logging, checkpointing and resume are those of pretrain.py.
+architecture (model, arch, image size, CLS tokens, side-interpolater position) is
+read from the pretraining workdir's config.json, with ``auto`` and ``0`` pinned to what
+the pretraining resolved them to. Logging, checkpointing and resume are those of pretrain.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import app, flags
@@ -24,16 +24,14 @@ from unidiff.runtime import tune_host_allocator
 tune_host_allocator()
 
 from unidiff.train import cli
+from unidiff.train.config import INHERITED
 
 FINETUNE_DEFAULTS = dict(
     recipe="umd_finetune", class_conditional=True, base_lr=1.5e-4, b2=0.999,
     weight_decay=0.0, ema_decay=0.9999, crop_area_min=0.95, crop_area_max=1.0,
     batch_size=256,
 )
-# Copied from the pretraining run so the parameters fit.
-INHERITED = ("model", "arch", "image_size", "num_cls_tokens", "si_position")
-
-cli.define_flags(defaults=FINETUNE_DEFAULTS, skip=INHERITED)
+cli.define_flags(defaults=FINETUNE_DEFAULTS, skip=INHERITED)  # copied from the pretraining run
 cli.define_distributed_flags()
 FLAGS = flags.FLAGS
 log = logging.getLogger("unidiff")
@@ -44,19 +42,15 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from unidiff.train import checkpoint as ckpt_lib
     from unidiff.train import loop
-    from unidiff.train.config import ConfigError, read_config_json
+    from unidiff.train import workdir as workdir_lib
+    from unidiff.train.config import ConfigError
 
     loop.setup_logging()
     try:
         cli.maybe_initialize_distributed(FLAGS)
         if not FLAGS.init_from:
             raise ConfigError("--init_from: required (a pretraining workdir)")
-        pre_cfg_path = os.path.join(FLAGS.init_from, "config.json")
-        if not os.path.exists(pre_cfg_path):
-            raise ConfigError(f"--init_from {FLAGS.init_from}: no config.json there; "
-                              "is it a pretrain.py workdir?")
-        pre = read_config_json(pre_cfg_path, "init_from")
-        fixed = {k: pre[k] for k in INHERITED if k in pre}
+        fixed = workdir_lib.inherited_flags(FLAGS.init_from, FLAGS.recipe, FLAGS.dataset)
         run = loop.prepare(cli.config_from_flags(FLAGS, **fixed))
     except (ConfigError, ValueError) as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)

@@ -14,9 +14,12 @@ import json
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from tests.e2e_helpers import read_metrics
 from unidiff.train.checkpoint import ITEMS, checkpoint_dir, merge_pretrained
+from unidiff.train.config import INHERITED, TrainConfig
+from unidiff.train.workdir import inherited_flags
 
 
 def _flat(tree) -> dict:
@@ -84,3 +87,31 @@ def test_finetune_starts_from_the_pretrained_params(tiny_pretrained, tiny_finetu
             np.testing.assert_array_equal(got[k], pretrained[k], err_msg=f"{field} {k}")
         for k in set(fresh) - matched:
             np.testing.assert_array_equal(got[k], fresh[k], err_msg=f"{field} {k}")
+
+
+def _pretrain_config(tmp_path, **flags):
+    workdir = tmp_path / "pre"
+    workdir.mkdir()
+    cfg = TrainConfig(workdir=str(workdir), train_steps=4, **flags)
+    (workdir / "config.json").write_text(json.dumps(cfg.to_json()))
+    return str(workdir)
+
+
+@pytest.mark.parametrize("recipe,arch", [("mae", "umd_no_adaln"), ("usp", "mae"), ("mdt", "mdt")])
+def test_finetune_keeps_the_architecture_auto_resolved_for_the_pretraining(tmp_path, recipe, arch):
+    """``--arch=auto`` resolves by recipe: under the finetune's umd_finetune an MAE, USP
+    or MDT pretraining would come back as the UMD architecture (other parameters)."""
+    pre = _pretrain_config(tmp_path, recipe=recipe, model="N/2", si_position=-1 if recipe == "mdt" else None)
+    fixed = inherited_flags(pre, "umd_finetune", "digits")
+    assert fixed == {"model": "N/2", "arch": arch, "image_size": 0, "num_cls_tokens": -1,
+                     "si_position": -1 if recipe == "mdt" else None}
+    # The same recipe resolves the same way: "auto" stays as it was written.
+    assert inherited_flags(pre, recipe, "digits")["arch"] == "auto"
+
+
+def test_finetune_keeps_the_native_image_size_of_the_pretraining_dataset(tmp_path):
+    pre = _pretrain_config(tmp_path, dataset="digits", model="N/2")
+    assert inherited_flags(pre, "umd_finetune", "digits")["image_size"] == 0  # same data: as written
+    # On another dataset 0 would mean that dataset's size: pinned to the digits' 16.
+    assert inherited_flags(pre, "umd_finetune", "synthetic")["image_size"] == 16
+    assert set(inherited_flags(pre, "umd_finetune", "digits")) == set(INHERITED)

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
+from PIL import Image
 
 from tests.e2e_helpers import read_metrics, run_binary
 from unidiff.train import loop
+from unidiff.train.checkpoint import Checkpointer
 from unidiff.train.config import ConfigError, TrainConfig
+from unidiff.train.state import init_state
 
 BASE = dict(dataset="synthetic", image_size=8, model="N/2", batch_size=8, train_steps=2)
 
@@ -34,6 +42,10 @@ CASES = [
     (dict(grad_clip=float("nan")), "--grad_clip"),
     (dict(train_steps=0, epochs=float("inf")), "--epochs"),
     (dict(model="N/0"), "--model"),
+    (dict(seed=-1), "--seed: must be >= 0"),
+    (dict(train_steps=-5, epochs=0.1), "--train_steps: must be >= 0"),
+    (dict(warmup_steps=-2), "--warmup_steps"),
+    (dict(min_lr=1e-3), "--min_lr: 0.001 is above the peak learning rate 4.69e-06"),
     # Architecture and recipe that cannot train together: caught here, not when tracing.
     (dict(arch="mdt"), "--arch mdt does not fit --recipe umd"),  # no x0 head for t = 0
     (dict(arch="dit", recipe="maskdit"), "--arch dit does not fit --recipe maskdit"),  # no mask token
@@ -60,9 +72,21 @@ def test_good_config_prepares(tmp_path):
     assert run.model_config.num_tokens == 16
 
 
+def _checkpoint_at(workdir, step: int = 1) -> None:
+    """A placeholder checkpoint at ``step``: what makes a workdir resumable (prepare
+    only asks for the latest step; nothing here restores it)."""
+    ckpt = Checkpointer(str(workdir))
+    try:
+        state = init_state({"w": jnp.zeros(2)}, optax.sgd(0.1), jax.random.key(0), False)
+        assert ckpt.save(step, state, iter(grain.MapDataset.range(4).to_iter_dataset()), force=True)
+    finally:
+        ckpt.close()
+
+
 def test_changing_model_under_existing_workdir_is_rejected(tmp_path):
     cfg = TrainConfig(workdir=str(tmp_path), **BASE)
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_json()))
+    _checkpoint_at(tmp_path)
     loop.prepare(cfg)  # same flags: fine
     with pytest.raises(ConfigError, match="--model: 'N/4' differs from 'N/2'"):
         loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "model": "N/4"}))
@@ -80,6 +104,7 @@ def test_si_position_places_mdts_side_interpolater(tmp_path, si_position, encode
 def test_changing_si_position_under_existing_workdir_is_rejected(tmp_path):
     cfg = TrainConfig(workdir=str(tmp_path), **{**BASE, "recipe": "mdt"})
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_json()))
+    _checkpoint_at(tmp_path)
     with pytest.raises(ConfigError, match="--si_position: 1 differs from None"):
         loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "recipe": "mdt", "si_position": 1}))
 
@@ -90,6 +115,7 @@ def test_switching_ema_or_clipping_under_existing_workdir_is_rejected(tmp_path, 
     """EMA and clipping on or off decide the checkpoint's structure; their values may change."""
     cfg = TrainConfig(workdir=str(tmp_path), **{**BASE, flag: old})
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_json()))
+    _checkpoint_at(tmp_path)
     before = (tmp_path / "config.json").read_text()
     with pytest.raises(ConfigError, match=f"--{flag}: {new!r} turns .* {old!r}"):
         loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, flag: new}))
@@ -98,9 +124,44 @@ def test_switching_ema_or_clipping_under_existing_workdir_is_rejected(tmp_path, 
         loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, flag: old / 2}))
 
 
+def test_workdir_without_a_checkpoint_starts_afresh_with_new_flags(tmp_path):
+    """A config.json left by a run that stopped before its first checkpoint (a crash, a
+    kill) has nothing to resume, so it does not lock the workdir to its flags."""
+    stale = TrainConfig(workdir=str(tmp_path), **{**BASE, "model": "N/4", "seed": 7})
+    (tmp_path / "config.json").write_text(json.dumps(stale.to_json()))
+    run = loop.prepare(TrainConfig(workdir=str(tmp_path), **BASE))
+    assert run.model_config.patch_size == 2
+
+
+def test_train_steps_below_the_checkpoint_step_is_rejected(tmp_path):
+    cfg = TrainConfig(workdir=str(tmp_path), **{**BASE, "train_steps": 10})
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_json()))
+    _checkpoint_at(tmp_path, step=5)
+    before = (tmp_path / "config.json").read_text()
+    loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "train_steps": 5}))  # done: fine
+    with pytest.raises(ConfigError, match="--train_steps: the run in .* is already at step 5, past the 4 steps"):
+        loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "train_steps": 4}))
+    assert (tmp_path / "config.json").read_text() == before
+
+
+def test_folder_dataset_needs_an_image_size(tmp_path):
+    """Folder images have no common size: without --image_size the run cannot start."""
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (10 + i, 12, 3), np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
+    base = {**BASE, "dataset": "folder", "data_dir": str(tmp_path / "data")}
+    with pytest.raises(ConfigError, match="--image_size: required for --dataset folder"):
+        loop.prepare(TrainConfig(workdir=str(tmp_path / "w"), **{**base, "image_size": 0}))
+    assert not (tmp_path / "w").exists()
+    assert loop.prepare(TrainConfig(workdir=str(tmp_path / "w"), **base)).image_size == 8
+
+
 @pytest.mark.parametrize("content", ['{"recipe": "umd",\n', "[1, 2]"])
 def test_unreadable_config_json_is_named(tmp_path, content):
     (tmp_path / "config.json").write_text(content)
+    _checkpoint_at(tmp_path)
     with pytest.raises(ConfigError, match="--workdir: .*config.json"):
         loop.prepare(TrainConfig(workdir=str(tmp_path), **BASE))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -92,3 +93,17 @@ def test_sigterm_saves_and_exits_zero(tmp_path, tiny_args):
     assert proc.returncode == 0, err[-2000:]
     steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps and max(steps) >= 3
+
+    # Continuing it: fewer steps than it has is refused before any work; changed training
+    # flags are logged and the flags of the steps so far are kept beside the new ones.
+    last = max(steps)
+    short = run_binary("pretrain.py", [*tiny_args, "--train_steps=1", f"--workdir={workdir}"], check=False)
+    assert short.returncode == 2 and f"already at step {last}" in short.stderr, short.stderr[-2000:]
+    more = run_binary("pretrain.py", [*tiny_args, f"--train_steps={last + 1}", "--ckpt_every=100000",
+                                      "--base_lr=2e-3", f"--workdir={workdir}"])
+    assert "changed flags (base_lr 0.001 -> 0.002, train_steps 100000 -> " in more.stdout + more.stderr
+    kept = json.loads((workdir / f"config.step{last}.json").read_text())
+    now = json.loads((workdir / "config.json").read_text())
+    assert (kept["base_lr"], kept["train_steps"]) == (1e-3, 100000)
+    assert (now["base_lr"], now["train_steps"]) == (2e-3, last + 1)
+    assert max(m["step"] for m in read_metrics(workdir)) == last + 1

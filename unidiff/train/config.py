@@ -17,6 +17,9 @@ ARCHS = ("auto", "umd", "umd_no_adaln", "mae", "mdt", "maskdit", "dit")
 # The UMD paper runs every baseline on the same encoder-decoder, MAE without AdaLN;
 # USP is MAE with MAE's own 512x8 decoder; MDT needs its side-interpolater.
 DEFAULT_ARCH = {"mae": "umd_no_adaln", "usp": "mae", "mdt": "mdt"}
+# What a finetune copies from its pretraining run so that the parameters fit
+# (``unidiff.train.workdir.inherited_flags``).
+INHERITED = ("model", "arch", "image_size", "num_cls_tokens", "si_position")
 
 
 class ConfigError(ValueError):
@@ -93,14 +96,26 @@ class TrainConfig:
             fail("batch_size", f"must be >= 1, got {self.batch_size}")
         if not math.isfinite(self.epochs):
             fail("epochs", f"must be a finite number, got {self.epochs}")
+        if self.train_steps < 0 or self.epochs < 0:
+            fail("train_steps" if self.train_steps < 0 else "epochs",
+                 f"must be >= 0, got {self.train_steps if self.train_steps < 0 else self.epochs}")
         if (self.train_steps > 0) == (self.epochs > 0):
             fail("train_steps", "set exactly one of --train_steps or --epochs to a positive value")
+        if self.warmup_steps < -1:
+            fail("warmup_steps", f"must be >= 0, or -1 for 5% of the run; got {self.warmup_steps}")
+        if self.seed < 0:
+            fail("seed", f"must be >= 0, got {self.seed}")
         if self.image_size < 0:
             fail("image_size", f"must be >= 0 (0 = native size), got {self.image_size}")
         for flag in ("base_lr", "min_lr", "weight_decay"):
             v = getattr(self, flag)
             if not (math.isfinite(v) and v >= 0):  # written so that NaN fails too
                 fail(flag, f"must be a finite number >= 0, got {v}")
+        peak_lr = self.base_lr * self.batch_size / 256
+        if self.min_lr > peak_lr:
+            fail("min_lr", f"{self.min_lr} is above the peak learning rate {peak_lr:.3g} "
+                 f"(--base_lr {self.base_lr} x --batch_size {self.batch_size} / 256); the cosine "
+                 "decays from the peak to min_lr")
         if not math.isfinite(self.grad_clip):
             fail("grad_clip", f"must be a finite number (<= 0 disables clipping), got {self.grad_clip}")
         for flag in ("b1", "b2", "ema_decay"):

@@ -26,7 +26,7 @@ from unidiff import data as ud
 from unidiff import models as um
 from unidiff.outputs import atomic_write, check_output_dir
 from unidiff.train import checkpoint as ckpt_lib
-from unidiff.train.config import ConfigError, TrainConfig
+from unidiff.train.config import ConfigError, TrainConfig, read_config_json
 from unidiff.train.optim import OptimConfig, lr_schedule, make_optimizer
 from unidiff.train.state import TrainState, init_state
 from unidiff.train.step import (
@@ -105,6 +105,29 @@ def model_config_for(cfg: TrainConfig, image_size: int, channels: int, num_class
         raise ConfigError(f"--model {variant} (--arch {arch}): {e}") from None
 
 
+def _check_resume(cfg: TrainConfig) -> int | None:
+    """The step a workdir resumes from (None: a fresh start), after checking that the
+    flags can resume it. Without a checkpoint there is nothing to resume: a config.json
+    left by a run that stopped before its first checkpoint is simply replaced."""
+    step = ckpt_lib.latest_step(cfg.workdir) if os.path.isdir(ckpt_lib.checkpoint_dir(cfg.workdir)) else None
+    if step is not None:
+        cfg.check_resume_compatible(os.path.join(cfg.workdir, "config.json"))
+    return step
+
+
+# Flags that say how a run is executed, not what it trains: changing them on resume is
+# not worth a record.
+OPERATIONAL_FLAGS = ("workdir", "data_dir", "log_every", "ckpt_every", "keep_checkpoints",
+                     "num_workers", "num_devices", "stop_after", "max_nonfinite")
+
+
+def _changed_flags(cfg: TrainConfig, old: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{flag: (old, new)} of the training flags that differ from ``old`` (a config.json)."""
+    new = cfg.to_json()
+    return {k: (old[k], new[k]) for k in sorted(new)
+            if k in old and old[k] != new[k] and k not in OPERATIONAL_FLAGS}
+
+
 def prepare(cfg: TrainConfig) -> Run:
     """Validate everything that can be checked without compiling; raise ConfigError."""
     cfg.validate()
@@ -112,12 +135,15 @@ def prepare(cfg: TrainConfig) -> Run:
         check_output_dir("workdir", cfg.workdir)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    cfg.check_resume_compatible(os.path.join(cfg.workdir, "config.json"))
+    resume_step = _check_resume(cfg)
     try:
         info = ud.validate_data(cfg.dataset, cfg.data_dir, "train")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     image_size = cfg.image_size or info.image_size
+    if not image_size:
+        raise ConfigError(f"--image_size: required for --dataset {cfg.dataset}, whose images have "
+                          "no common native size (e.g. --image_size=64)")
     num_classes = info.num_classes if cfg.class_conditional else 0
     model_config = model_config_for(cfg, image_size, info.channels, num_classes)
     recipe = _recipe_for(cfg)
@@ -156,6 +182,10 @@ def prepare(cfg: TrainConfig) -> Run:
         total = cfg.train_steps
     else:
         total = max(1, int(cfg.epochs * info.num_examples // cfg.batch_size))
+    if resume_step is not None and resume_step > total:
+        flag = "train_steps" if cfg.train_steps > 0 else "epochs"
+        raise ConfigError(f"--{flag}: the run in {cfg.workdir} is already at step {resume_step}, "
+                          f"past the {total} steps asked for; use a new --workdir")
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, total // 20)
     flip = {"auto": cfg.dataset != "digits", "true": True, "false": False}[cfg.flip]
     source = ud.build_source(cfg.dataset, cfg.data_dir, "train")
@@ -209,7 +239,7 @@ def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) 
     cfg = run.cfg
     os.makedirs(cfg.workdir, exist_ok=True)
     config_path = os.path.join(cfg.workdir, "config.json")
-    cfg.check_resume_compatible(config_path)  # again: the workdir may have changed since prepare
+    _check_resume(cfg)  # again: the workdir may have changed since prepare
     metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
 
     mesh = make_mesh(run.num_devices)
@@ -257,6 +287,16 @@ def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) 
         state = fresh_state()
         start = 0
     if jax.process_index() == 0:
+        old = read_config_json(config_path, "workdir") if start and os.path.exists(config_path) else {}
+        changed = _changed_flags(cfg, old)
+        if changed:
+            # The old flags described the steps so far: keep them next to the new ones
+            # (written before config.json is replaced, so a kill loses neither).
+            kept = os.path.join(cfg.workdir, f"config.step{start}.json")
+            ckpt_lib.write_json_atomic(kept, old)
+            log.warning("resuming at step %d with changed flags (%s); the previous config is "
+                        "kept as %s", start, ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
+                                                       changed.items()), kept)
         # Only now: a restore that fails leaves config.json describing the checkpoints.
         ckpt_lib.write_json_atomic(config_path, cfg.to_json())
         # Records past the checkpoint (all of them on a fresh start: a run killed before
@@ -285,11 +325,13 @@ def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) 
                 step += 1
                 window_steps += 1
                 if int(state.nonfinite_run) >= cfg.max_nonfinite:
+                    last = checkpointer.latest_step()
+                    where = (f"the last good checkpoint is step {last} in {checkpointer.directory}"
+                             if last is not None else "no checkpoint was saved before them")
                     raise TrainingError(
                         f"stopping at step {step}: {int(state.nonfinite_run)} consecutive "
-                        f"non-finite losses (--max_nonfinite {cfg.max_nonfinite}); the last "
-                        f"good checkpoint is step {checkpointer.latest_step()} in "
-                        f"{checkpointer.directory}. Lower --base_lr or check the data."
+                        f"steps with a non-finite loss or gradient norm, skipped (--max_nonfinite "
+                        f"{cfg.max_nonfinite}); {where}. Lower --base_lr or check the data."
                     )
                 if step % cfg.log_every == 0 or step == run.total_steps:
                     m = jax.device_get(metrics)

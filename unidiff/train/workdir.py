@@ -21,7 +21,7 @@ from unidiff import corruption as uc
 from unidiff import data as ud
 from unidiff import models as um
 from unidiff.train import checkpoint as ckpt_lib
-from unidiff.train.config import ConfigError, TrainConfig, read_config_json
+from unidiff.train.config import DEFAULT_ARCH, INHERITED, ConfigError, TrainConfig, read_config_json
 from unidiff.train.loop import model_config_for
 
 
@@ -140,3 +140,22 @@ def load_params(trained: TrainedModel, use_ema: bool = True) -> tuple[Any, int]:
         )
     params = jax.tree.map(lambda a: jax.numpy.asarray(a, jax.numpy.float32), params)
     return params, step
+
+
+
+def inherited_flags(init_from: str, recipe: str, dataset: str) -> dict[str, Any]:
+    """The architecture flags (``INHERITED``) of the pretraining workdir ``init_from``,
+    for a finetune with ``recipe`` on ``dataset``.
+
+    ``arch=auto`` and ``image_size=0`` are resolved by the recipe and the dataset, so a
+    finetune with another recipe or dataset would resolve them to another model (an MAE
+    pretraining, ``umd_no_adaln``, would come back as ``umd`` under ``umd_finetune``).
+    They are pinned to what the pretraining resolved them to whenever that differs.
+    """
+    pre = read_config(init_from, "init_from")
+    fixed = {k: getattr(pre, k) for k in INHERITED}
+    if pre.arch == "auto" and pre.resolved_arch() != DEFAULT_ARCH.get(recipe, "umd"):
+        fixed["arch"] = pre.resolved_arch()
+    if pre.image_size == 0 and dataset != pre.dataset:
+        fixed["image_size"] = load_workdir(init_from, flag="init_from").image_size
+    return fixed
