@@ -1,6 +1,8 @@
 """FID Inception-v3: architecture vs the torch layout, preprocessing, a real forward, weight files."""
 
+import haiku as hk
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -122,15 +124,152 @@ def test_output_shapes_for_full_size_and_small_inputs():
         assert out.logits.shape == (images.shape[0], 1008)
 
 
-def test_pooling_layout_of_the_fid_variant():
+@pytest.fixture(scope="module")
+def fid_jaxpr():
+    """The traced forward pass (shapes only) and ``{"module/param": jaxpr input var}``."""
+    params = _param_structs()
+    net = inc.make_inception()
+    closed = jax.make_jaxpr(net.apply)(params, jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32))
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    keys = ["/".join(k.key for k in p) for p in paths]
+    return closed.jaxpr, dict(zip(keys, closed.jaxpr.invars))
+
+
+def test_pooling_layout_of_the_fid_variant(fid_jaxpr):
     # Max pools: 2 in the stem, Mixed_6a, Mixed_7a, and Mixed_7c's pool branch (FID variant).
     # Padding-excluding average pools (two windowed sums each): Mixed_5b-5d, 6b-6e, 7b.
-    net = inc.make_inception()
-    jaxpr = jax.make_jaxpr(net.apply)(_param_structs(), jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32))
-    names = [e.primitive.name for e in jaxpr.jaxpr.eqns]
+    jaxpr, _ = fid_jaxpr
+    names = [e.primitive.name for e in jaxpr.eqns]
     assert names.count("reduce_window_max") == 5
     assert names.count("reduce_window_sum") == 2 * 8
     assert names.count("conv_general_dilated") == len(_torch_convs())
+
+
+def _conv_input(jaxpr, weight):
+    """The input (lhs) var of the one convolution whose kernel is the jaxpr input ``weight``."""
+    (lhs,) = [
+        e.invars[0] for e in jaxpr.eqns
+        if e.primitive.name == "conv_general_dilated" and e.invars[1] is weight
+    ]
+    return lhs
+
+
+def _slice(jaxpr, source, target):
+    """``f(x) -> target`` evaluating only the equations between var ``source`` and var ``target``."""
+    needed, eqns = {target}, []
+    for e in reversed(jaxpr.eqns):
+        if source not in e.outvars and any(v in needed for v in e.outvars):
+            eqns.insert(0, e)
+            needed.update(v for v in e.invars if not isinstance(v, jax.extend.core.Literal))
+    produced = {v for e in eqns for v in e.outvars}
+    assert needed - produced == {source}, "the pooled input depends on more than the block input"
+
+    def f(x):
+        env = {source: x}
+        for e in eqns:
+            args = [v.val if isinstance(v, jax.extend.core.Literal) else env[v] for v in e.invars]
+            out = e.primitive.bind(*args, **e.params)
+            env.update(zip(e.outvars, out if e.primitive.multiple_results else [out]))
+        return env[target]
+
+    return f
+
+
+def _pool3x3_references(x):
+    """3x3/1 pools with padding 1 of NHWC ``x``: torch max_pool2d and both avg_pool2d modes."""
+    n, h, w, c = x.shape
+    pad = np.full((n, h + 2, w + 2, c), np.nan)
+    pad[:, 1:-1, 1:-1] = x
+    windows = np.stack([pad[:, i : i + h, j : j + w] for i in range(3) for j in range(3)])
+    return {
+        "max": np.nanmax(windows, axis=0),
+        "avg_exclude_pad": np.nanmean(windows, axis=0),  # count_include_pad=False
+        "avg_include_pad": np.nansum(windows, axis=0) / 9.0,  # torch's default
+    }
+
+
+# The pool feeding each block's branch_pool conv in pytorch-fid's fid_inception_v3:
+# FIDInceptionA (5b-5d), FIDInceptionC (6b-6e) and FIDInceptionE_1 (7b) average without
+# counting the padding; FIDInceptionE_2 (7c) max-pools.
+FID_POOL_BRANCHES = {
+    **{b: "avg_exclude_pad" for b in ("Mixed_5b", "Mixed_5c", "Mixed_5d")},
+    **{b: "avg_exclude_pad" for b in ("Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e")},
+    "Mixed_7b": "avg_exclude_pad",
+    "Mixed_7c": "max",
+}
+
+
+def test_each_block_pool_branch_pools_as_the_fid_variant(fid_jaxpr):
+    # Per block, run the traced ops between the block input (what branch1x1 convolves) and the
+    # branch_pool conv's input on random values, against independent numpy pools.
+    jaxpr, inputs = fid_jaxpr
+    rng = np.random.default_rng(0)
+    for block, kind in FID_POOL_BRANCHES.items():
+        block_in = _conv_input(jaxpr, inputs[f"{block}/branch1x1/conv/w"])
+        pooled = _conv_input(jaxpr, inputs[f"{block}/branch_pool/conv/w"])
+        assert pooled.aval.shape == block_in.aval.shape, block  # 3x3, stride 1, padding 1
+        x = rng.standard_normal(block_in.aval.shape).astype(np.float32)
+        got = np.asarray(_slice(jaxpr, block_in, pooled)(jnp.asarray(x)))
+        refs = _pool3x3_references(x.astype(np.float64))
+        np.testing.assert_allclose(got, refs[kind], atol=1e-5, err_msg=f"{block}: expected {kind}")
+        for other, ref in refs.items():
+            if other != kind:
+                assert not np.allclose(got, ref, atol=1e-3), f"{block} pools as {other}, not {kind}"
+
+
+@pytest.mark.parametrize(
+    "torch_name, cin, out, kernel, stride, padding, with_bn_weight",
+    [
+        ("Conv2d_1a_3x3", 3, 5, (3, 3), 2, (0, 0), True),
+        ("Mixed_7b.branch3x3_2a", 4, 6, (1, 3), 1, (0, 1), False),  # the TF graph has no BN scale
+    ],
+)
+def test_basic_conv_matches_torch_conv_bn_relu_with_converted_bn_statistics(
+    torch_name, cin, out, kernel, stride, padding, with_bn_weight
+):
+    # One BasicConv2d with non-trivial inference statistics (random_params sets BN to the
+    # identity), converted from torch names, against torch's conv -> BatchNorm2d(eps=1e-3) ->
+    # ReLU computed in numpy. Small variances make eps 1e-3 vs 1e-5 differ by several percent.
+    rng = np.random.default_rng(0)
+    kh, kw = kernel
+    sd = {
+        f"{torch_name}.conv.weight": rng.standard_normal((out, cin, kh, kw)) / np.sqrt(cin * kh * kw),
+        f"{torch_name}.bn.bias": 0.5 * rng.standard_normal(out),
+        f"{torch_name}.bn.running_mean": 2.0 * rng.standard_normal(out),
+        f"{torch_name}.bn.running_var": rng.uniform(0.005, 0.05, out),
+        f"{torch_name}.bn.num_batches_tracked": np.array(0),
+    }
+    if with_bn_weight:
+        sd[f"{torch_name}.bn.weight"] = rng.uniform(0.5, 1.5, out)
+    params = inc.unflatten_params(convert_state_dict(sd))
+    scopes = torch_name.split(".")
+
+    def conv(x):
+        if len(scopes) == 1:
+            return inc._basic_conv(x, scopes[0], out, kernel, stride, padding)
+        with hk.name_scope(scopes[0]):
+            return inc._basic_conv(x, scopes[1], out, kernel, stride, padding)
+
+    x = rng.standard_normal((2, 9, 8, cin))
+    got = np.asarray(hk.without_apply_rng(hk.transform(conv)).apply(params, jnp.asarray(x, jnp.float32)))
+
+    # numpy, torch semantics: NCHW cross-correlation with OIHW weights, then inference BN.
+    w = sd[f"{torch_name}.conv.weight"]
+    xp = np.pad(x.transpose(0, 3, 1, 2), ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2))
+    oh, ow = (xp.shape[2] - kh) // stride + 1, (xp.shape[3] - kw) // stride + 1
+    y = np.zeros((x.shape[0], out, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            patch = xp[:, :, i * stride : i * stride + kh, j * stride : j * stride + kw]
+            y[:, :, i, j] = np.einsum("ncpq,ocpq->no", patch, w)
+    gamma = sd.get(f"{torch_name}.bn.weight", np.ones(out))[:, None, None]
+    mean, var = sd[f"{torch_name}.bn.running_mean"], sd[f"{torch_name}.bn.running_var"]
+    bn = (y - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-3) * gamma
+    want = np.maximum(bn + sd[f"{torch_name}.bn.bias"][:, None, None], 0.0).transpose(0, 2, 3, 1)
+
+    assert got.shape == want.shape == (2, oh, ow, out)
+    assert 0.2 < (want > 0).mean() < 0.8  # the ReLU clips some outputs and passes others
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
 def _torch_bilinear(x, size):
