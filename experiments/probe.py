@@ -9,8 +9,10 @@ size), at t = 0, or noised with ``q_sample`` to t = ``--noise_t`` and told that 
 (default: 50 for runs trained only on noisy steps, r_t0 = 0: DiT, MaskDiT, MDT; else 0,
 including UMD finetuning, r_t0 = 0.05). The closed-form ridge probe (whitening, bias feature, l2 1024)
 is fit on ``--shots`` examples per class of ``--train_split`` and scored top-1 on
-``--test_split``. ``--random_init`` probes a freshly initialised encoder of the same
-configuration (no checkpoint needed): the baseline a trained encoder must beat. With
+``--test_split``, which must not share examples with it (a folder or latents dataset
+needs a test/ or val/ subfolder of its data_dir). ``--random_init`` probes a freshly
+initialised encoder of the same configuration (no checkpoint needed): the baseline a
+trained encoder must beat. With
 AdaLN-Zero (UMD's blocks start as the identity) and zero-initialised CLS tokens, such an
 encoder's representation is the same for every image, so this baseline is at chance;
 ``--pixels`` probes the flattened raw pixels instead, a model-free reference.
@@ -42,7 +44,8 @@ flags.DEFINE_bool("pixels", False, "Probe the raw pixels (flattened eval images)
                   "encoder: a model-free reference.")
 flags.DEFINE_bool("use_ema", True, "Use the EMA parameters when the checkpoint has them.")
 flags.DEFINE_string("train_split", "train", "Split the few-shot examples are drawn from.")
-flags.DEFINE_string("test_split", "test", "Held-out split the accuracy is measured on.")
+flags.DEFINE_string("test_split", "test", "Held-out split the accuracy is measured on (for "
+                    "--dataset=folder or latents: the test/ or val/ subfolder of --data_dir).")
 flags.DEFINE_integer("max_test", 0, "Use at most this many test examples (0 = all).")
 flags.DEFINE_float("l2", 1024.0, "Ridge penalty.")
 flags.DEFINE_integer("seed", 0, "Seed of the shot selection, the noise and --random_init.")
@@ -117,10 +120,18 @@ def main(argv):
             raise UsageError(f"--workdir {FLAGS.workdir}: dataset {trained.cfg.dataset} has "
                              f"{trained.dataset_classes} classes; the probe needs labels")
         try:
-            train_src = ud.build_source(trained.cfg.dataset, trained.data_dir, FLAGS.train_split)
-            test_src = ud.build_source(trained.cfg.dataset, trained.data_dir, FLAGS.test_split)
+            splits = (ud.canonical_split(FLAGS.train_split), ud.canonical_split(FLAGS.test_split))
+            overlap = splits[0] == splits[1] or "all" in splits
+            if not overlap:
+                # A folder or latents data_dir without a test/ subfolder refuses 'test' here.
+                train_src = ud.build_source(trained.cfg.dataset, trained.data_dir, splits[0])
+                test_src = ud.build_source(trained.cfg.dataset, trained.data_dir, splits[1])
         except ValueError as e:
             raise UsageError(f"--train_split/--test_split: {e}") from None
+        if overlap:
+            raise UsageError(f"--train_split/--test_split: {FLAGS.train_split} and "
+                             f"{FLAGS.test_split} share examples; the probe must be scored on "
+                             "images it was not fit on")
         train_labels = source_labels(train_src)
         if FLAGS.shots:
             try:

@@ -75,6 +75,37 @@ def test_folder_split_subdirectory(tmp_path, fakes):
     assert not np.array_equal(tr[0]["image"], te[0]["image"])
 
 
+@pytest.mark.parametrize("split", ["test", "val", "validation"])
+def test_folder_without_held_out_subfolder_has_no_test_split(folder_dir, split):
+    """A flat tree used to serve as its own test split, so a probe tested on its training images."""
+    root, expected = folder_dir
+    assert len(ud.build_source("folder", root, "train")) == len(expected)  # the whole tree
+    with pytest.raises(ud.DataError) as e:
+        ud.build_source("folder", root, split)
+    msg = str(e.value)
+    assert f"--data_dir={root}" in msg and "test/" in msg and "val/" in msg and "\n" not in msg, msg
+
+
+def test_folder_with_only_a_test_subfolder_has_no_train_split(tmp_path, fakes):
+    """Without train/, the tree itself would be the train split, with test/ as one of its classes."""
+    (tmp_path / "test").mkdir()
+    fakes.write_folder(str(tmp_path / "test"))
+    assert ud.build_source("folder", str(tmp_path), "test").classes == ["cat", "dog"]
+    with pytest.raises(ud.DataError, match=f"--data_dir={tmp_path} has a test/ or val/ subfolder but no train/"):
+        ud.build_source("folder", str(tmp_path), "train")
+
+
+def test_latents_without_held_out_subfolder_has_no_test_split(tmp_path, fakes):
+    fakes.write_latents(str(tmp_path))
+    assert len(ud.build_source("latents", str(tmp_path), "train")) == 10
+    with pytest.raises(ud.DataError, match=f"--data_dir={tmp_path} has no test/ or val/ subfolder"):
+        ud.build_source("latents", str(tmp_path), "test")
+    (tmp_path / "val").mkdir()
+    held_out, _ = fakes.write_latents(str(tmp_path / "val"), n=3, seed=1)
+    te = ud.build_source("latents", str(tmp_path), "test")
+    np.testing.assert_array_equal(np.stack([te[i]["image"] for i in range(len(te))]), held_out)
+
+
 def test_cifar10(tmp_path, fakes):
     sub = tmp_path / "cifar-10-batches-py"
     sub.mkdir()

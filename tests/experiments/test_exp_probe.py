@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+from PIL import Image
+
 from tests.e2e_helpers import ROOT, run_binary
+from unidiff.train.config import TrainConfig
 
 
 def _result(proc):
@@ -53,3 +57,61 @@ def test_probe_bad_input(tiny_pretrained, tmp_path):
         assert proc.returncode == 2, (args, out, err)
         assert len(lines) == 1 and lines[0].startswith("probe.py: error: ") and flag in lines[0], (
             args, lines)
+
+
+def _write_classes(root, per_class: int, seed: int):
+    """Two classes of 8x8 RGB PNGs: dark noise (class 0, "a") and bright noise (class 1, "b")."""
+    rng = np.random.default_rng(seed)
+    for name, lo in (("a", 0), ("b", 160)):
+        os.makedirs(root / name)
+        for i in range(per_class):
+            im = rng.integers(lo, lo + 96, size=(8, 8, 3), dtype=np.uint8)
+            Image.fromarray(im).save(root / name / f"{i}.png")
+
+
+def _folder_workdir(tmp_path, data_dir):
+    """config.json of a --dataset=folder run: all probe.py --pixels reads of a workdir."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    cfg = TrainConfig(workdir=str(workdir), dataset="folder", data_dir=str(data_dir),
+                      image_size=8, model="N/2", batch_size=8, train_steps=3)
+    (workdir / "config.json").write_text(json.dumps(cfg.to_json()))
+    return workdir
+
+
+def test_probe_refuses_folder_without_held_out_split(tmp_path):
+    """With no train/ and test/ subfolders both splits were the whole tree: the probe fit its
+    shots and then scored them among its test images."""
+    data = tmp_path / "flat"
+    _write_classes(data, per_class=5, seed=0)
+    proc = run_binary("probe.py", [f"--workdir={_folder_workdir(tmp_path, data)}", "--pixels",
+                                   "--shots=2"], check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("probe.py: error: "), lines
+    assert f"--data_dir={data}" in lines[0] and "test/" in lines[0], lines
+
+
+def test_probe_on_folder_with_train_and_test_subfolders(tmp_path):
+    data = tmp_path / "split"
+    _write_classes(data / "train", per_class=4, seed=0)
+    _write_classes(data / "test", per_class=3, seed=1)
+    r = _result(run_binary("probe.py", [f"--workdir={_folder_workdir(tmp_path, data)}",
+                                        "--pixels", "--shots=2"]))
+    # 2 shots of each of 2 classes from train/; every one of the 6 images of test/.
+    assert (r["num_train"], r["num_test"], r["dataset"]) == (4, 6, "folder")
+    assert r["top1"] == 1.0  # brightness separates the classes
+
+
+def test_probe_refuses_overlapping_splits(tmp_path):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    cfg = TrainConfig(workdir=str(workdir), dataset="synthetic", image_size=8, model="N/2",
+                      batch_size=8, train_steps=3)
+    (workdir / "config.json").write_text(json.dumps(cfg.to_json()))
+    for args in (["--train_split=test"], ["--train_split=val"], ["--train_split=all"],
+                 ["--test_split=all"]):
+        proc = run_binary("probe.py", [f"--workdir={workdir}", "--pixels", *args], check=False)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert len(lines) == 1 and "--train_split/--test_split" in lines[0], (args, lines)

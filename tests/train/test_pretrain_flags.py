@@ -53,6 +53,8 @@ CASES = [
     (dict(recipe="mdt", si_position=5), "--si_position: must be an integer block index in [-4, 4]"),
     (dict(recipe="mdt", model="P/2"), "--si_position: must be an integer block index in [-1, 1] for "
                                       "'P/2' (1 blocks), got -2 (the default; set --si_position)"),
+    # Digits are never mirrored, so an explicit request for flips cannot be honoured.
+    (dict(dataset="digits", image_size=16, flip="true"), "--flip: true is refused for --dataset=digits"),
 ]
 
 
@@ -204,6 +206,30 @@ def test_cli_exits_2_with_one_error_line(tmp_path, tiny_args):
     lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert lines == ["pretrain.py: error: --m_t: mask ratio must be in [0, 1), got 1.0"], proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("dataset,flip,want", [
+    ("digits", "auto", False), ("digits", "false", False),
+    ("synthetic", "auto", True), ("synthetic", "true", True), ("synthetic", "false", False),
+])
+def test_flip_resolution(tmp_path, dataset, flip, want):
+    size = 16 if dataset == "digits" else 8
+    run = loop.prepare(TrainConfig(workdir=str(tmp_path / "w"),
+                                   **{**BASE, "dataset": dataset, "image_size": size, "flip": flip}))
+    assert run.flip is want
+
+
+def test_cli_flip_true_on_digits_exits_2_before_any_work(tmp_path):
+    """It used to train without flips while config.json recorded "flip": "true"."""
+    workdir = tmp_path / "w"
+    proc = run_binary("pretrain.py", ["--dataset=digits", "--model=N/2", "--batch_size=8",
+                                      "--train_steps=3", "--flip=true", f"--workdir={workdir}"],
+                      check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and lines[0].startswith("pretrain.py: error: --flip: "), proc.stderr
+    assert "--flip=auto or --flip=false" in lines[0]
+    assert not workdir.exists()
 
 
 def test_cli_batch_not_divisible_by_devices(tmp_path, tiny_args):

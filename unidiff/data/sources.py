@@ -47,6 +47,28 @@ def canonical_split(split: str) -> str:
     raise DataError(f"split={split!r}: expected 'train', 'test' (or 'val'), or 'all'")
 
 
+_HELD_OUT_FOLDERS = ("test", "val", "validation")
+
+
+def _split_folder(root: str, split: str, dataset: str, layout: str) -> str:
+    """``root/<split>`` for the folder-per-split datasets (folder, latents).
+
+    Without a ``train`` folder, 'train' is ``root`` itself. Without a test folder
+    there is no 'test' split: falling back to ``root`` would make it the training
+    data, and a probe or evaluation on it would score the examples it was fit on.
+    """
+    if split == "train":
+        train = os.path.join(root, "train")
+        return train if os.path.isdir(train) else root
+    for name in _HELD_OUT_FOLDERS:
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise DataError(
+        f"--data_dir={root} has no test/ or val/ subfolder, so --dataset={dataset} has no "
+        f"held-out split (its test split would be the training data); put {layout} under "
+        f"<data_dir>/train/ and held-out ones under <data_dir>/test/ (or val/)")
+
+
 def _require_dir(data_dir: str | os.PathLike | None, dataset: str, expected: str) -> str:
     if data_dir is None or str(data_dir) == "":
         raise DataError(f"--data_dir is empty but --dataset={dataset} needs {expected}")
@@ -219,9 +241,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 class ImageFolderSource:
     """One subfolder per class (sorted names -> ids 0..K-1), JPEG/PNG read with Pillow.
 
-    The split lives in ``data_dir/<split>/`` when that folder exists (``val`` is
-    also tried for the test split); otherwise ``data_dir`` itself is the tree.
-    Every image is converted to RGB. Unreadable files give ``None``.
+    The split lives in ``data_dir/<split>/`` when that folder exists (``val`` and
+    ``validation`` are also tried for the test split). A tree with no split folders
+    is all training data: its 'train' and 'all' splits are the tree itself, and
+    asking it for 'test' is an error, since the only images on offer are the
+    training ones. Every image is converted to RGB. Unreadable files give ``None``.
     """
 
     channels = 3
@@ -232,11 +256,13 @@ class ImageFolderSource:
     def __init__(self, data_dir: str, split: str = "train"):
         split = canonical_split(split)
         root = _require_dir(data_dir, "folder", "one subfolder of .jpg/.jpeg/.png images per class")
-        names = ("train",) if split == "train" else ("test", "val", "validation")
-        for name in names if split != "all" else ():
-            if os.path.isdir(os.path.join(root, name)):
-                root = os.path.join(root, name)
-                break
+        if split != "all":
+            top = root
+            root = _split_folder(top, split, "folder", "one folder of images per class")
+            if root == top and any(os.path.isdir(os.path.join(top, n)) for n in _HELD_OUT_FOLDERS):
+                # The held-out folder would be read as one more class of training images.
+                raise DataError(f"--data_dir={top} has a test/ or val/ subfolder but no train/ "
+                                "(--dataset=folder expects both, or neither for training only)")
         self.root = root
         classes = sorted(
             e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
@@ -422,8 +448,9 @@ class DigitsSource:
 class LatentSource:
     """Precomputed latents: ``latents.npy`` (N, h, w, c) float, optional ``labels.npy`` (N,).
 
-    Read from ``data_dir/<split>/`` when that folder exists, else from ``data_dir``.
-    Memory-mapped. Without labels, ``num_classes`` is 0 and every label is 0.
+    Read from ``data_dir/<split>/`` (``val`` also serves as 'test'); a ``data_dir``
+    without split folders is all training data and has no 'test' split, as for
+    image folders. Memory-mapped. Without labels, ``num_classes`` is 0 and every label is 0.
     """
 
     latent = True
@@ -432,8 +459,7 @@ class LatentSource:
     def __init__(self, data_dir: str, split: str = "train"):
         split = canonical_split(split)
         root = _require_dir(data_dir, "latents", "latents.npy (N, h, w, c) float32 and optional labels.npy")
-        folders = [os.path.join(root, s) for s in ((split, "val") if split == "test" else (split,))]
-        folder = next((f for f in folders if os.path.isdir(f)), root)
+        folder = root if split == "all" else _split_folder(root, split, "latents", "latents.npy")
         self.path = os.path.join(folder, "latents.npy")
         if not os.path.isfile(self.path):
             raise DataError(f"--data_dir={root}: missing {self.path} (--dataset=latents expects latents.npy of shape (N, h, w, c) float32)")

@@ -41,7 +41,8 @@ HELP = {
     "num_workers": "Grain worker processes for data loading (0 = in-process).",
     "crop_area_min": "Random-resized-crop minimum area fraction.",
     "crop_area_max": "Random-resized-crop maximum area fraction.",
-    "flip": "Horizontal flips: auto (on except digits), true, false.",
+    "flip": "Horizontal flips: auto (on, except digits), true (refused for digits: a "
+            "mirrored digit is a different glyph), false.",
     "r_t0": "Override the recipe's fraction of clean (t = 0) examples.",
     "m_t0": "Override the recipe's mask ratio on the clean branch.",
     "m_t": "Override the recipe's mask ratio on the noisy branch.",

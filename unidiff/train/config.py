@@ -66,7 +66,7 @@ class TrainConfig:
     num_workers: int = 0
     crop_area_min: float = 0.8
     crop_area_max: float = 1.0
-    flip: str = "auto"  # auto = on, except for digits
+    flip: str = "auto"  # auto = on where the source allows it (not digits)
     r_t0: float | None = None
     m_t0: float | None = None
     m_t: float | None = None
@@ -135,6 +135,11 @@ class TrainConfig:
                  f"{self.crop_area_min}, {self.crop_area_max}")
         if self.flip not in ("auto", "true", "false"):
             fail("flip", f"expected auto, true or false, got {self.flip!r}")
+        if self.flip == "true" and self.dataset == "digits":
+            # The loader never mirrors digits (its source disallows it); accepting the flag
+            # would train unflipped while config.json claims flips.
+            fail("flip", "true is refused for --dataset=digits: a mirrored digit is a different "
+                 "glyph, so digits are never flipped; use --flip=auto or --flip=false")
         if self.log_every < 1:
             fail("log_every", f"must be >= 1, got {self.log_every}")
         if self.ckpt_every < 1:

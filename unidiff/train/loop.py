@@ -187,8 +187,11 @@ def prepare(cfg: TrainConfig) -> Run:
         raise ConfigError(f"--{flag}: the run in {cfg.workdir} is already at step {resume_step}, "
                           f"past the {total} steps asked for; use a new --workdir")
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, total // 20)
-    flip = {"auto": cfg.dataset != "digits", "true": True, "false": False}[cfg.flip]
     source = ud.build_source(cfg.dataset, cfg.data_dir, "train")
+    # The source decides what auto means, and the loader ANDs with it too; validate()
+    # refused "true" where the source disallows flips, so run.flip is what happens.
+    allow_flip = bool(getattr(source, "allow_flip", True))
+    flip = {"auto": allow_flip, "true": True, "false": False}[cfg.flip]
     return Run(cfg, recipe, model_config, source, image_size, num_classes, num_devices,
                total, warmup, flip)
 
