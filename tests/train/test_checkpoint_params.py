@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from unidiff.train.checkpoint import Checkpointer, restore_params
+from unidiff.train.checkpoint import CheckpointReadError, Checkpointer, restore_params
 from unidiff.train.state import init_state
 
 RAW = {"encoder": {"w": np.arange(6, dtype=np.float32).reshape(2, 3),
@@ -83,3 +83,25 @@ def test_run_without_ema_returns_the_raw_params(tmp_path, use_ema):
 def test_no_checkpoint_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         restore_params(str(tmp_path))
+
+
+def test_damaged_checkpoint_is_one_line_naming_the_step(tmp_path):
+    """Truncated array files: orbax and tensorstore raise pages of nested specs; the
+    reader and the train loop's restore both say which step and what to do, in one line."""
+    _save(tmp_path, {4: _state(RAW, True)})
+    data_files = [p for p in (tmp_path / "checkpoints" / "4" / "state").rglob("*")
+                  if p.is_file() and p.parent.name == "d"]
+    assert data_files
+    for p in data_files:
+        p.write_bytes(p.read_bytes()[:10])
+    step_dir = str(tmp_path / "checkpoints" / "4")
+    with pytest.raises(CheckpointReadError) as e:
+        restore_params(str(tmp_path))
+    assert str(e.value).startswith(f"{step_dir}: cannot read this checkpoint") and "\n" not in str(e.value)
+    ckpt = Checkpointer(str(tmp_path))
+    try:
+        abstract = jax.eval_shape(lambda: _state(RAW, True))
+        with pytest.raises(CheckpointReadError, match="move that step's directory out of the way"):
+            ckpt.restore(abstract, iter(grain.MapDataset.range(4).to_iter_dataset()))
+    finally:
+        ckpt.close()

@@ -30,6 +30,25 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint step exists but cannot be read (damaged files, another layout)."""
+
+
+@contextlib.contextmanager
+def _restoring(directory: str, step: int) -> Iterator[None]:
+    """Turn orbax's and tensorstore's errors for an unreadable step (pages of nested
+    specs) into one line that names the step and what to do."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+        first = (str(e).strip().splitlines() or [""])[0].split(" See full")[0][:200]
+        raise CheckpointReadError(
+            f"{os.path.join(directory, str(step))}: cannot read this checkpoint "
+            f"({type(e).__name__}: {first}); if its files are damaged, move that step's "
+            "directory out of the way to use the previous checkpoint"
+        ) from e
+
+
 @contextlib.contextmanager
 def _reader(workdir: str) -> Iterator[tuple[str, ocp.CheckpointManager]]:
     """(directory, manager) for reading a workdir's checkpoints; closed on exit, errors included."""
@@ -71,13 +90,14 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.directory}")
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iter),
-            ),
-        )
+        with _restoring(self.directory, step):
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(data_iter),
+                ),
+            )
         return restored["state"]
 
     def wait(self) -> None:
@@ -107,7 +127,8 @@ def restore_params(workdir: str, use_ema: bool = True) -> tuple[Any, int]:
             raise FileNotFoundError(
                 f"--workdir {workdir}: no checkpoint found under {directory}; run pretrain.py first"
             )
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        with _restoring(directory, step):
+            state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     # Restored without a template the NamedTuple comes back as a dict or list.
     fields = TrainState._fields
     if isinstance(state, (list, tuple)):

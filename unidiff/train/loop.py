@@ -280,15 +280,19 @@ def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) 
 
     checkpointer = ckpt_lib.Checkpointer(cfg.workdir, max_to_keep=cfg.keep_checkpoints)
     start = checkpointer.latest_step()
-    if start is not None:
-        # The pretrained init (finetuning) has the same structure as a fresh one.
-        abstract = jax.eval_shape(
-            lambda: init_state(model.init(init_key), optimizer, state_key, cfg.ema_decay > 0))
-        state = checkpointer.restore(abstract, data_iter, start)
-        log.info("resumed from %s at step %d", checkpointer.directory, start)
-    else:
-        state = fresh_state()
-        start = 0
+    try:
+        if start is not None:
+            # The pretrained init (finetuning) has the same structure as a fresh one.
+            abstract = jax.eval_shape(
+                lambda: init_state(model.init(init_key), optimizer, state_key, cfg.ema_decay > 0))
+            state = checkpointer.restore(abstract, data_iter, start)
+            log.info("resumed from %s at step %d", checkpointer.directory, start)
+        else:
+            state = fresh_state()  # a finetune's init_params reads its pretraining checkpoint
+            start = 0
+    except ckpt_lib.CheckpointReadError as e:
+        checkpointer.close()
+        raise TrainingError(str(e)) from None
     if jax.process_index() == 0:
         old = read_config_json(config_path, "workdir") if start and os.path.exists(config_path) else {}
         changed = _changed_flags(cfg, old)

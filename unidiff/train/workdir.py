@@ -126,7 +126,7 @@ def load_params(trained: TrainedModel, use_ema: bool = True) -> tuple[Any, int]:
                           "first (pretrain.py / finetune.py)")
     try:
         params, step = ckpt_lib.restore_params(workdir, use_ema=use_ema)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ckpt_lib.CheckpointReadError) as e:
         raise ConfigError(str(e)) from None
     expected = _shapes(jax.eval_shape(trained.model.init, jax.random.key(0)))
     got = _shapes(params)
