@@ -146,6 +146,20 @@ def test_train_steps_below_the_checkpoint_step_is_rejected(tmp_path):
     assert (tmp_path / "config.json").read_text() == before
 
 
+def test_a_workdir_in_use_by_another_run_is_refused(tmp_path):
+    """Two runs in one workdir would interleave checkpoints and metrics."""
+    run = loop.prepare(TrainConfig(workdir=str(tmp_path / "w"), **BASE))
+    (tmp_path / "w").mkdir()
+    held = loop.lock_workdir(str(tmp_path / "w"))  # a second open file: flock conflicts
+    try:
+        with pytest.raises(loop.TrainingError, match=r"another run \(pid \d+\) is using it"):
+            loop.train(run)
+        assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [".lock"]  # nothing written
+    finally:
+        held.close()
+    loop.lock_workdir(str(tmp_path / "w")).close()  # released: free again
+
+
 def test_folder_dataset_needs_an_image_size(tmp_path):
     """Folder images have no common size: without --image_size the run cannot start."""
     rng = np.random.default_rng(0)

@@ -9,6 +9,7 @@ resumes, steps, logs and checkpoints. A workdir holds ``config.json``,
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import math
@@ -233,14 +234,48 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def lock_workdir(workdir: str):
+    """An exclusive lock on ``workdir/.lock``, held while the returned file is open.
+
+    Two runs writing one workdir would interleave checkpoints and metrics. The kernel
+    drops a ``flock`` when its process exits, ``kill -9`` included, so a dead run
+    never leaves the workdir locked. TrainingError if another run holds it.
+    """
+    path = os.path.join(workdir, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise TrainingError(f"--workdir {workdir}: another run ({holder}) is using it; wait for it "
+                            "to finish or use another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) -> dict:
     """Train to ``run.total_steps``, resuming from the workdir if it has a checkpoint.
 
     ``init_params(model, key) -> params`` overrides fresh initialisation (finetuning).
-    Returns the last logged metrics.
+    Returns the last logged metrics. The workdir is locked for the run
+    (``lock_workdir``; in a multi-host run process 0 holds the lock for all of them).
     """
+    os.makedirs(run.cfg.workdir, exist_ok=True)
+    lock = lock_workdir(run.cfg.workdir) if jax.process_index() == 0 else None
+    try:
+        return _train(run, init_params)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dict:
     cfg = run.cfg
-    os.makedirs(cfg.workdir, exist_ok=True)
     config_path = os.path.join(cfg.workdir, "config.json")
     _check_resume(cfg)  # again: the workdir may have changed since prepare
     metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
