@@ -50,7 +50,8 @@ def main(argv):
         cli.maybe_initialize_distributed(FLAGS)
         if not FLAGS.init_from:
             raise ConfigError("--init_from: required (a pretraining workdir)")
-        fixed = workdir_lib.inherited_flags(FLAGS.init_from, FLAGS.recipe, FLAGS.dataset)
+        fixed = workdir_lib.inherited_flags(FLAGS.init_from, FLAGS.recipe, FLAGS.dataset,
+                                            FLAGS.data_dir, FLAGS.workdir)
         run = loop.prepare(cli.config_from_flags(FLAGS, **fixed))
     except (ConfigError, ValueError) as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
@@ -61,6 +62,13 @@ def main(argv):
     def init_params(model, key):
         pretrained, step = ckpt_lib.restore_params(FLAGS.init_from, use_ema=True)
         merged, new = ckpt_lib.merge_pretrained(jax.jit(model.init)(key), pretrained)
+        # Only the label embedding is new in a finetune; anything else starting fresh
+        # means the pretraining built another model than this one.
+        unfit = [k for k in new if "label_embed" not in k]
+        if unfit:
+            raise loop.TrainingError(
+                f"--init_from {FLAGS.init_from}: step {step} does not fit the finetune's model: "
+                f"{len(unfit)} parameters would start fresh, e.g. {', '.join(unfit[:3])}")
         log.info("initialised from %s step %d; new parameters: %s",
                  FLAGS.init_from, step, ", ".join(new) or "none")
         return merged

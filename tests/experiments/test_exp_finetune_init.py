@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import json
 
+import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from tests.e2e_helpers import read_metrics
-from unidiff.train.checkpoint import ITEMS, checkpoint_dir, merge_pretrained
+from unidiff.train.checkpoint import ITEMS, Checkpointer, checkpoint_dir, merge_pretrained
 from unidiff.train.config import INHERITED, TrainConfig
+from unidiff.train.state import init_state
 from unidiff.train.workdir import inherited_flags
 
 
@@ -103,15 +107,31 @@ def test_finetune_keeps_the_architecture_auto_resolved_for_the_pretraining(tmp_p
     or MDT pretraining would come back as the UMD architecture (other parameters)."""
     pre = _pretrain_config(tmp_path, recipe=recipe, model="N/2", si_position=-1 if recipe == "mdt" else None)
     fixed = inherited_flags(pre, "umd_finetune", "digits")
-    assert fixed == {"model": "N/2", "arch": arch, "image_size": 0, "num_cls_tokens": -1,
+    assert fixed == {"model": "N/2", "arch": arch, "image_size": 16, "num_cls_tokens": -1,
                      "si_position": -1 if recipe == "mdt" else None}
     # The same recipe resolves the same way: "auto" stays as it was written.
     assert inherited_flags(pre, recipe, "digits")["arch"] == "auto"
 
 
 def test_finetune_keeps_the_native_image_size_of_the_pretraining_dataset(tmp_path):
+    """0 means the native size of the dataset (and directory) it is read with: pinned to
+    the pretraining's, here the digits' 16, on any dataset; and a finetune that already
+    has a checkpoint keeps what its own config.json says, so that it resumes as begun."""
     pre = _pretrain_config(tmp_path, dataset="digits", model="N/2")
-    assert inherited_flags(pre, "umd_finetune", "digits")["image_size"] == 0  # same data: as written
-    # On another dataset 0 would mean that dataset's size: pinned to the digits' 16.
+    assert inherited_flags(pre, "umd_finetune", "digits")["image_size"] == 16
     assert inherited_flags(pre, "umd_finetune", "synthetic")["image_size"] == 16
     assert set(inherited_flags(pre, "umd_finetune", "digits")) == set(INHERITED)
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    began = TrainConfig(workdir=str(ft), recipe="umd_finetune", model="N/2", arch="auto", image_size=0,
+                        train_steps=4)
+    (ft / "config.json").write_text(json.dumps(began.to_json()))
+    assert inherited_flags(pre, "umd_finetune", "digits", workdir=str(ft))["image_size"] == 16  # no checkpoint
+    state = init_state({"w": jnp.zeros(2)}, optax.sgd(0.1), jax.random.key(0), False)
+    ckpt = Checkpointer(str(ft))
+    try:
+        assert ckpt.save(1, state, iter(grain.MapDataset.range(4).to_iter_dataset()), force=True)
+    finally:
+        ckpt.close()
+    own = inherited_flags(pre, "umd_finetune", "digits", workdir=str(ft))
+    assert (own["arch"], own["image_size"]) == ("auto", 0)

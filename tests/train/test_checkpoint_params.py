@@ -130,5 +130,4 @@ def test_damaged_checkpoint_is_one_line_naming_the_step(tmp_path):
     step_dir = str(tmp_path / "checkpoints" / "4")
     for where, msg in out.items():
         assert msg.startswith(f"{step_dir}: cannot read this checkpoint"), (where, msg)
-        assert "\n" not in msg and msg.endswith("move that step's directory out of the way to use "
-                                                 "the previous checkpoint"), (where, msg)
+        assert "\n" not in msg and msg.endswith("its files are damaged: it is the only checkpoint"), (where, msg)

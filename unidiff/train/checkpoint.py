@@ -42,10 +42,13 @@ def _restoring(directory: str, step: int) -> Iterator[None]:
         yield
     except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
         first = (str(e).strip().splitlines() or [""])[0].split(" See full")[0][:200]
+        others = sorted(int(n) for n in os.listdir(directory) if n.isdigit() and int(n) != step)
+        fallback = (f"move that step's directory out of the way to use step {others[-1]}"
+                    if others else "it is the only checkpoint")
         raise CheckpointReadError(
             f"{os.path.join(directory, str(step))}: cannot read this checkpoint "
-            f"({type(e).__name__}: {first}); if its files are damaged, move that step's "
-            "directory out of the way to use the previous checkpoint"
+            f"({type(e).__name__}: {first}). If the flags describe the run that wrote it, its "
+            f"files are damaged: {fallback}"
         ) from e
 
 

@@ -51,7 +51,7 @@ HELP = {
     "num_cls_tokens": "CLS tokens in the encoder; -1 = architecture default.",
     "si_position": "MDT's side-interpolater sits before this block of the model's blocks "
                    "(negative counts from the end; --arch mdt only); unset = -2, before the last two.",
-    "max_nonfinite": "Stop after this many consecutive non-finite losses.",
+    "max_nonfinite": "Stop after this many consecutive steps with a non-finite loss or gradient norm.",
     "num_devices": "Devices on the data mesh; 0 = all.",
     "init_from": "A pretraining workdir to initialise from (finetune).",
     "stop_after": "Run at most this many steps in this process, save and exit 0 (e.g. to fit a "

@@ -9,6 +9,7 @@ resumes, steps, logs and checkpoints. A workdir holds ``config.json``,
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
@@ -245,7 +246,11 @@ def lock_workdir(workdir: str):
     f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            # A filesystem without locks (some NFS mounts): run unlocked rather than never.
+            log.warning("cannot lock %s (%s); running without the workdir lock", path, e)
+            return f
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
@@ -266,7 +271,21 @@ def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) 
     (``lock_workdir``; in a multi-host run process 0 holds the lock for all of them).
     """
     os.makedirs(run.cfg.workdir, exist_ok=True)
-    lock = lock_workdir(run.cfg.workdir) if jax.process_index() == 0 else None
+    lock, refused = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = lock_workdir(run.cfg.workdir)
+        except TrainingError as e:
+            refused = e
+    if jax.process_count() > 1:
+        # Every process must stop, not only the one that saw the lock held.
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+        if not multihost_utils.broadcast_one_to_all(np.int32(refused is None)):
+            refused = refused or TrainingError(
+                f"--workdir {run.cfg.workdir}: another run is using it (process 0 found it locked)")
+    if refused is not None:
+        raise refused
     try:
         return _train(run, init_params)
     finally:
@@ -335,7 +354,8 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
             # The old flags described the steps so far: keep them next to the new ones
             # (written before config.json is replaced, so a kill loses neither).
             kept = os.path.join(cfg.workdir, f"config.step{start}.json")
-            ckpt_lib.write_json_atomic(kept, old)
+            if not os.path.exists(kept):  # else it already holds the flags of those steps
+                ckpt_lib.write_json_atomic(kept, old)
             log.warning("resuming at step %d with changed flags (%s); the previous config is "
                         "kept as %s", start, ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
                                                        changed.items()), kept)

@@ -143,19 +143,34 @@ def load_params(trained: TrainedModel, use_ema: bool = True) -> tuple[Any, int]:
 
 
 
-def inherited_flags(init_from: str, recipe: str, dataset: str) -> dict[str, Any]:
-    """The architecture flags (``INHERITED``) of the pretraining workdir ``init_from``,
-    for a finetune with ``recipe`` on ``dataset``.
+def inherited_flags(init_from: str, recipe: str, dataset: str, data_dir: str | None = None,
+                    workdir: str | None = None) -> dict[str, Any]:
+    """The architecture flags (``INHERITED``) for a finetune from the pretraining workdir
+    ``init_from`` with ``recipe`` on ``dataset`` (``data_dir``) into ``workdir``.
 
-    ``arch=auto`` and ``image_size=0`` are resolved by the recipe and the dataset, so a
-    finetune with another recipe or dataset would resolve them to another model (an MAE
-    pretraining, ``umd_no_adaln``, would come back as ``umd`` under ``umd_finetune``).
-    They are pinned to what the pretraining resolved them to whenever that differs.
+    A finetune ``workdir`` that already has a checkpoint keeps the values it was started
+    with (its own config.json), so it resumes as it began. Otherwise they come from the
+    pretraining, with ``arch=auto`` and ``image_size=0`` pinned to what the pretraining
+    resolved them to: the finetune's recipe and dataset would resolve them to another
+    model (an MAE pretraining, ``umd_no_adaln``, would come back as ``umd`` under
+    ``umd_finetune``; another dataset, or another directory of the same one, has its
+    own native size).
     """
+    if workdir and ckpt_lib.latest_step(workdir) is not None:
+        own = read_config(workdir, "workdir")
+        return {k: getattr(own, k) for k in INHERITED}
     pre = read_config(init_from, "init_from")
     fixed = {k: getattr(pre, k) for k in INHERITED}
     if pre.arch == "auto" and pre.resolved_arch() != DEFAULT_ARCH.get(recipe, "umd"):
         fixed["arch"] = pre.resolved_arch()
-    if pre.image_size == 0 and dataset != pre.dataset:
-        fixed["image_size"] = load_workdir(init_from, flag="init_from").image_size
+    if pre.image_size == 0:
+        try:
+            info = ud.validate_data(pre.dataset, pre.data_dir, "train")
+        except ValueError as e:
+            if dataset != pre.dataset:
+                raise ConfigError(
+                    f"--init_from {init_from}: trained at the native size of {pre.dataset} in "
+                    f"{pre.data_dir}, which cannot be read here to learn that size ({e})") from None
+            info = ud.validate_data(dataset, data_dir, "train")  # moved: the finetune's copy
+        fixed["image_size"] = info.image_size
     return fixed
