@@ -19,7 +19,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.e2e_helpers import read_metrics
+from tests.e2e_helpers import TINY, read_metrics, run_binary
 from unidiff.train.checkpoint import ITEMS, Checkpointer, checkpoint_dir, merge_pretrained
 from unidiff.train.config import INHERITED, TrainConfig
 from unidiff.train.state import init_state
@@ -135,3 +135,19 @@ def test_finetune_keeps_the_native_image_size_of_the_pretraining_dataset(tmp_pat
         ckpt.close()
     own = inherited_flags(pre, "umd_finetune", "digits", workdir=str(ft))
     assert (own["arch"], own["image_size"]) == ("auto", 0)
+
+
+def test_finetune_refuses_a_checkpoint_of_another_architecture(tmp_path):
+    """If the model built from the pretraining's config.json is not the one its checkpoint
+    holds (here: an MAE-recipe checkpoint, no AdaLN, whose config.json was edited to say
+    umd), every parameter but the label embedding would be trained from scratch without
+    notice: the finetune stops before its first step instead."""
+    pre = tmp_path / "pre"
+    run_binary("pretrain.py", [*TINY, "--recipe=mae", "--train_steps=1", f"--workdir={pre}"])
+    cfg = json.loads((pre / "config.json").read_text())
+    (pre / "config.json").write_text(json.dumps({**cfg, "arch": "umd"}))
+    proc = run_binary("finetune.py", ["--dataset=synthetic", "--batch_size=8", "--train_steps=2",
+                                      f"--init_from={pre}", f"--workdir={tmp_path / 'ft'}"], check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "step 1 does not fit the finetune's model" in proc.stderr and "adaln" in proc.stderr.lower(), proc.stderr[-2000:]
+    assert not (tmp_path / "ft" / "checkpoints").exists() or not any((tmp_path / "ft" / "checkpoints").iterdir())
