@@ -67,6 +67,10 @@ def load_samples(path: str):
 
     if not os.path.isfile(path):
         raise UsageError(f"--samples {path}: file not found")
+    if not zipfile.is_zipfile(path):
+        # np.load would try it as a pickle and say so, which points the wrong way.
+        raise UsageError(f"--samples {path}: not an .npz archive; give the .npz that "
+                         "sample.py writes beside its --out .png")
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.e2e_helpers import ROOT, run_binary
 
@@ -35,6 +36,8 @@ def test_fid_bad_input_names_the_flag_or_file(tmp_path):
     text = tmp_path / "weights.npz"
     text.write_text("not a zip")
     missing = tmp_path / "nope.npz"
+    png = tmp_path / "grid.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
     good = [f"--samples={samples}", f"--ref_stats={bad_stats}"]
     cases = [
         # (args, substrings the one-line message must contain)
@@ -48,6 +51,9 @@ def test_fid_bad_input_names_the_flag_or_file(tmp_path):
          ("--inception_weights", "not found", "convert_inception_weights")),
         ([f"--samples={samples}", "--ref_dataset=digits", f"--inception_weights={text}"],
          ("--inception_weights", str(text), "convert_inception_weights")),
+        # The grid instead of the arrays beside it.
+        ([f"--samples={png}", f"--ref_stats={bad_stats}", f"--inception_weights={missing}"],
+         ("--samples", "not an .npz archive", "sample.py")),
     ]
     folder = tmp_path / "folder.npz"
     folder.mkdir()
