@@ -137,9 +137,9 @@ class Options:
 
     def arch_of(self, recipe_name: str) -> str:
         """The architecture ``recipe_name`` trains here (pretrain.py's mapping)."""
-        from unidiff.train.config import DEFAULT_ARCH
+        from unidiff.train.config import resolve_arch
 
-        return DEFAULT_ARCH.get(recipe_name, "umd") if self.arch == "auto" else self.arch
+        return resolve_arch(recipe_name, self.arch)
 
 
 def options_from_flags() -> Options:

@@ -121,17 +121,18 @@ def main(argv):
                              f"{trained.dataset_classes} classes; the probe needs labels")
         try:
             splits = (ud.canonical_split(FLAGS.train_split), ud.canonical_split(FLAGS.test_split))
-            overlap = splits[0] == splits[1] or "all" in splits
-            if not overlap:
-                # A folder or latents data_dir without a test/ subfolder refuses 'test' here.
-                train_src = ud.build_source(trained.cfg.dataset, trained.data_dir, splits[0])
-                test_src = ud.build_source(trained.cfg.dataset, trained.data_dir, splits[1])
         except ValueError as e:
             raise UsageError(f"--train_split/--test_split: {e}") from None
-        if overlap:
+        if splits[0] == splits[1] or "all" in splits:
             raise UsageError(f"--train_split/--test_split: {FLAGS.train_split} and "
                              f"{FLAGS.test_split} share examples; the probe must be scored on "
                              "images it was not fit on")
+        try:
+            # A folder or latents data_dir without a test/ subfolder refuses 'test' here.
+            train_src = ud.build_source(trained.cfg.dataset, trained.data_dir, splits[0])
+            test_src = ud.build_source(trained.cfg.dataset, trained.data_dir, splits[1])
+        except ValueError as e:
+            raise UsageError(f"--train_split/--test_split: {e}") from None
         train_labels = source_labels(train_src)
         if FLAGS.shots:
             try:

@@ -35,14 +35,14 @@ class CheckpointReadError(ValueError):
 
 
 @contextlib.contextmanager
-def _restoring(directory: str, step: int) -> Iterator[None]:
+def _restoring(mngr: ocp.CheckpointManager, directory: str, step: int) -> Iterator[None]:
     """Turn orbax's and tensorstore's errors for an unreadable step (pages of nested
     specs) into one line that names the step and what to do."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
         first = (str(e).strip().splitlines() or [""])[0].split(" See full")[0][:200]
-        others = sorted(int(n) for n in os.listdir(directory) if n.isdigit() and int(n) != step)
+        others = sorted(s for s in mngr.all_steps() if s != step)
         fallback = (f"move that step's directory out of the way to use step {others[-1]}"
                     if others else "it is the only checkpoint")
         raise CheckpointReadError(
@@ -93,7 +93,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.directory}")
-        with _restoring(self.directory, step):
+        with _restoring(self.manager, self.directory, step):
             restored = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
@@ -130,7 +130,7 @@ def restore_params(workdir: str, use_ema: bool = True) -> tuple[Any, int]:
             raise FileNotFoundError(
                 f"--workdir {workdir}: no checkpoint found under {directory}; run pretrain.py first"
             )
-        with _restoring(directory, step):
+        with _restoring(mngr, directory, step):
             state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     # Restored without a template the NamedTuple comes back as a dict or list.
     fields = TrainState._fields

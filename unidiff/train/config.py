@@ -22,6 +22,11 @@ DEFAULT_ARCH = {"mae": "umd_no_adaln", "usp": "mae", "mdt": "mdt"}
 INHERITED = ("model", "arch", "image_size", "num_cls_tokens", "si_position")
 
 
+def resolve_arch(recipe: str, arch: str = "auto") -> str:
+    """The architecture ``--arch`` means for ``--recipe``: ``auto`` picks by recipe."""
+    return DEFAULT_ARCH.get(recipe, "umd") if arch == "auto" else arch
+
+
 class ConfigError(ValueError):
     """A bad flag; the message names it."""
 
@@ -80,7 +85,7 @@ class TrainConfig:
     stop_after: int = 0  # run at most this many steps in this process, then checkpoint
 
     def resolved_arch(self) -> str:
-        return DEFAULT_ARCH.get(self.recipe, "umd") if self.arch == "auto" else self.arch
+        return resolve_arch(self.recipe, self.arch)
 
     def validate(self) -> None:
         def fail(flag: str, msg: str) -> None:

@@ -111,7 +111,7 @@ def _check_resume(cfg: TrainConfig) -> int | None:
     """The step a workdir resumes from (None: a fresh start), after checking that the
     flags can resume it. Without a checkpoint there is nothing to resume: a config.json
     left by a run that stopped before its first checkpoint is simply replaced."""
-    step = ckpt_lib.latest_step(cfg.workdir) if os.path.isdir(ckpt_lib.checkpoint_dir(cfg.workdir)) else None
+    step = ckpt_lib.latest_step(cfg.workdir)
     if step is not None:
         cfg.check_resume_compatible(os.path.join(cfg.workdir, "config.json"))
     return step

@@ -21,7 +21,7 @@ from unidiff import corruption as uc
 from unidiff import data as ud
 from unidiff import models as um
 from unidiff.train import checkpoint as ckpt_lib
-from unidiff.train.config import DEFAULT_ARCH, INHERITED, ConfigError, TrainConfig, read_config_json
+from unidiff.train.config import INHERITED, ConfigError, TrainConfig, read_config_json, resolve_arch
 from unidiff.train.loop import model_config_for
 
 
@@ -142,7 +142,6 @@ def load_params(trained: TrainedModel, use_ema: bool = True) -> tuple[Any, int]:
     return params, step
 
 
-
 def inherited_flags(init_from: str, recipe: str, dataset: str, data_dir: str | None = None,
                     workdir: str | None = None) -> dict[str, Any]:
     """The architecture flags (``INHERITED``) for a finetune from the pretraining workdir
@@ -161,7 +160,7 @@ def inherited_flags(init_from: str, recipe: str, dataset: str, data_dir: str | N
         return {k: getattr(own, k) for k in INHERITED}
     pre = read_config(init_from, "init_from")
     fixed = {k: getattr(pre, k) for k in INHERITED}
-    if pre.arch == "auto" and pre.resolved_arch() != DEFAULT_ARCH.get(recipe, "umd"):
+    if pre.arch == "auto" and pre.resolved_arch() != resolve_arch(recipe):
         fixed["arch"] = pre.resolved_arch()
     if pre.image_size == 0:
         try:
