@@ -140,11 +140,6 @@ class TrainConfig:
                  f"{self.crop_area_min}, {self.crop_area_max}")
         if self.flip not in ("auto", "true", "false"):
             fail("flip", f"expected auto, true or false, got {self.flip!r}")
-        if self.flip == "true" and self.dataset == "digits":
-            # The loader never mirrors digits (its source disallows it); accepting the flag
-            # would train unflipped while config.json claims flips.
-            fail("flip", "true is refused for --dataset=digits: a mirrored digit is a different "
-                 "glyph, so digits are never flipped; use --flip=auto or --flip=false")
         if self.log_every < 1:
             fail("log_every", f"must be >= 1, got {self.log_every}")
         if self.ckpt_every < 1:

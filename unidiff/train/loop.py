@@ -190,9 +190,13 @@ def prepare(cfg: TrainConfig) -> Run:
                           f"past the {total} steps asked for; use a new --workdir")
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, total // 20)
     source = ud.build_source(cfg.dataset, cfg.data_dir, "train")
-    # The source decides what auto means, and the loader ANDs with it too; validate()
-    # refused "true" where the source disallows flips, so run.flip is what happens.
+    # The source decides what auto means, and the loader ANDs with it too; "true" where
+    # it disallows flips would train unflipped while config.json claims flips.
     allow_flip = bool(getattr(source, "allow_flip", True))
+    if cfg.flip == "true" and not allow_flip:
+        raise ConfigError(f"--flip: true is refused for --dataset={cfg.dataset}: its images are "
+                          "never mirrored (a mirrored digit is a different glyph); use --flip=auto "
+                          "or --flip=false")
     flip = {"auto": allow_flip, "true": True, "false": False}[cfg.flip]
     return Run(cfg, recipe, model_config, source, image_size, num_classes, num_devices,
                total, warmup, flip)
