@@ -111,6 +111,83 @@ def test_changing_si_position_under_existing_workdir_is_rejected(tmp_path):
         loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "recipe": "mdt", "si_position": 1}))
 
 
+def _began(tmp_path, recorded: bool, **flags) -> TrainConfig:
+    """A resumable workdir whose config.json is ``flags``'s, with or without the resolved
+    record that runs write now (config.json files written before it have none)."""
+    cfg = TrainConfig(workdir=str(tmp_path), **{**BASE, **flags})
+    record = cfg.to_json()
+    if recorded:
+        record["resolved"] = loop.resolved_record(*loop.resolve(cfg, _info(cfg)))
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    _checkpoint_at(tmp_path)
+    return cfg
+
+
+def _info(cfg):
+    from unidiff import data as ud
+
+    return ud.validate_data(cfg.dataset, cfg.data_dir, "train")
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+@pytest.mark.parametrize("began,now", [
+    (dict(recipe="mdt"), dict(recipe="mdt", si_position=-2)),  # MDT's default, spelled out
+    (dict(recipe="mdt", si_position=-2), dict(recipe="mdt", arch="mdt")),
+    (dict(), dict(arch="umd", num_cls_tokens=4, r_t0=0.5, m_t0=0.75, m_t=0.375)),
+    (dict(m_t=0.375), dict()),
+])
+def test_resume_compares_what_the_flags_build_not_their_spelling(tmp_path, recorded, began, now):
+    """Before, an MDT run started without --si_position could not be resumed with
+    --si_position=-2, the same model."""
+    _began(tmp_path, recorded, **began)
+    run = loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, **now}))
+    old = json.loads((tmp_path / "config.json").read_text())
+    # Nothing to record: the model and the masking are the ones the run began with.
+    assert loop._changed_flags(run.cfg, old, loop.resolved_record(run.model_config, run.recipe)) == {}
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_resume_still_refuses_a_flag_that_builds_another_model(tmp_path, recorded):
+    _began(tmp_path, recorded, recipe="mdt")
+    with pytest.raises(ConfigError, match="--si_position: -1 differs from None"):
+        loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "recipe": "mdt", "si_position": -1}))
+    with pytest.raises(ConfigError, match="--m_t: 0.5 differs from None"):
+        loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "recipe": "mdt", "m_t": 0.5}))
+
+
+@pytest.mark.parametrize("part,field,then", [("recipe", "m_t", 0.5), ("recipe", "schedule", "linear"),
+                                             ("model", "norm_eps", 1e-5), ("model", "depth", 3)])
+def test_resume_refuses_flags_this_version_resolves_differently(tmp_path, part, field, then):
+    """The same flags, but config.json records that they built something else when the
+    run began (an older version's default): resuming would change the model or the
+    objective mid-run without any flag having changed."""
+    cfg = _began(tmp_path, True)
+    record = json.loads((tmp_path / "config.json").read_text())
+    now = record["resolved"][part][field]
+    record["resolved"][part][field] = then
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=rf"now build another {part} than the one its config.json "
+                                          rf"records \({field} {then!r} -> {now!r}\)"):
+        loop.prepare(cfg)
+
+
+def test_a_changed_label_dropout_default_is_a_changed_flag(tmp_path):
+    """--label_dropout unset on both sides, but the recipe's default changed since the
+    run began (dit, maskdit and mdt went from 0 to 0.1): the resumed steps train with
+    another dropout, which must show in the changed-flags record."""
+    cfg = _began(tmp_path, True, recipe="dit", class_conditional=True)
+    old = json.loads((tmp_path / "config.json").read_text())
+    old["resolved"]["recipe"]["label_dropout"] = 0.0
+    run = loop.prepare(cfg)
+    now = loop.resolved_record(run.model_config, run.recipe)
+    assert now["recipe"]["label_dropout"] == 0.1
+    assert loop._changed_flags(cfg, old, now) == {"label_dropout": (0.0, 0.1)}
+    # Given as a flag, the change is reported as resolved values, not as None -> 0.2.
+    flagged = TrainConfig(**{**cfg.to_json(), "label_dropout": 0.2})
+    assert loop._changed_flags(flagged, old, loop.resolved_record(run.model_config, loop.recipe_for(flagged))) \
+        == {"label_dropout": (0.0, 0.2)}
+
+
 @pytest.mark.parametrize("flag,old,new", [("ema_decay", 0.0, 0.999), ("ema_decay", 0.999, 0.0),
                                           ("grad_clip", 1.0, 0.0), ("grad_clip", 0.0, 1.0)])
 def test_switching_ema_or_clipping_under_existing_workdir_is_rejected(tmp_path, flag, old, new):

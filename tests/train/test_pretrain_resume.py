@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from tests.e2e_helpers import ROOT, TINY, child_env, losses_by_step, read_metrics, run_binary
+from unidiff import corruption as uc
 from unidiff.train.checkpoint import latest_step
 
 # 20 steps, a checkpoint every 5: resumes from step 10 (clean stop) or wherever the
@@ -99,11 +101,16 @@ def test_sigterm_saves_and_exits_zero(tmp_path, tiny_args):
     last = max(steps)
     short = run_binary("pretrain.py", [*tiny_args, "--train_steps=1", f"--workdir={workdir}"], check=False)
     assert short.returncode == 2 and f"already at step {last}" in short.stderr, short.stderr[-2000:]
+    began = json.loads((workdir / "config.json").read_text())
+    assert began["resolved"]["recipe"] == dataclasses.asdict(uc.recipes.get("umd"))
+    assert began["resolved"]["model"]["image_size"] == 8
     more = run_binary("pretrain.py", [*tiny_args, f"--train_steps={last + 1}", "--ckpt_every=100000",
-                                      "--base_lr=2e-3", f"--workdir={workdir}"])
-    assert "changed flags (base_lr 0.001 -> 0.002, train_steps 100000 -> " in more.stdout + more.stderr
+                                      "--base_lr=2e-3", "--label_dropout=0.25", f"--workdir={workdir}"])
+    assert ("changed flags (base_lr 0.001 -> 0.002, train_steps 100000 -> "
+            f"{last + 1}, label_dropout 0.0 -> 0.25)") in more.stdout + more.stderr
     kept = json.loads((workdir / f"config.step{last}.json").read_text())
     now = json.loads((workdir / "config.json").read_text())
-    assert (kept["base_lr"], kept["train_steps"]) == (1e-3, 100000)
+    assert kept == began and (kept["base_lr"], kept["train_steps"]) == (1e-3, 100000)
     assert (now["base_lr"], now["train_steps"]) == (2e-3, last + 1)
+    assert now["resolved"]["recipe"]["label_dropout"] == 0.25
     assert max(m["step"] for m in read_metrics(workdir)) == last + 1

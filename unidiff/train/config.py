@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
+from collections.abc import Collection
 from typing import Any
 
 RECIPES = ("umd", "umd_finetune", "mae", "dit", "maskdit", "mdt", "usp")
@@ -172,10 +172,13 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def check_resume_compatible(self, path: str) -> None:
-        if not os.path.exists(path):
-            return
-        old = read_config_json(path, "workdir")
+    def check_resume_compatible(self, old: dict[str, Any], path: str,
+                                equivalent: Collection[str] = ()) -> None:
+        """ConfigError unless these flags can resume the run whose config.json (at
+        ``path``) is ``old``. Keys in ``equivalent`` are not compared: the caller found
+        that their old and new values build the same model and recipe (e.g.
+        ``--si_position=-2`` where the run left MDT's default, or ``--arch=umd`` for
+        ``auto``)."""
         for key, what in self.RESUME_SWITCHES.items():
             if isinstance(old.get(key), (int, float)) and (old[key] > 0) != (getattr(self, key) > 0):
                 state = "on" if getattr(self, key) > 0 else "off"
@@ -185,7 +188,7 @@ class TrainConfig:
                     f"or keep {what} {'off' if state == 'on' else 'on'}"
                 )
         for key in self.RESUME_KEYS:
-            if key in old and old[key] != getattr(self, key):
+            if key in old and key not in equivalent and old[key] != getattr(self, key):
                 raise ConfigError(
                     f"--{key}: {getattr(self, key)!r} differs from {old[key]!r} in {path}; "
                     "use a new --workdir or the original value to resume"

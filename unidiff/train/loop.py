@@ -67,9 +67,11 @@ class Run:
     total_steps: int
     warmup_steps: int
     flip: bool
+    data_info: Any  # unidiff.data.validate_data's answer for the training split
 
 
-def _recipe_for(cfg: TrainConfig) -> uc.Recipe:
+def recipe_for(cfg: TrainConfig) -> uc.Recipe:
+    """The recipe named by ``--recipe`` with the flags' overrides; ConfigError if invalid."""
     overrides = {k: getattr(cfg, k) for k in ("r_t0", "m_t0", "m_t", "label_dropout")
                  if getattr(cfg, k) is not None}
     try:
@@ -107,13 +109,79 @@ def model_config_for(cfg: TrainConfig, image_size: int, channels: int, num_class
         raise ConfigError(f"--model {variant} (--arch {arch}): {e}") from None
 
 
-def _check_resume(cfg: TrainConfig) -> int | None:
+# Flags whose only effect is the model, or the recipe's masking, that they build. A resume
+# compares what they build, not how they are spelled: --si_position=-2 resumes a run that
+# left MDT's default, --arch=umd one that said auto.
+MODEL_FLAGS = ("arch", "model", "image_size", "num_cls_tokens", "si_position")
+RECIPE_FLAGS = ("r_t0", "m_t0", "m_t")
+
+
+def resolve(cfg: TrainConfig, info: Any) -> tuple[Any, uc.Recipe]:
+    """The model config and recipe that ``cfg`` builds for a dataset described by
+    ``info`` (``unidiff.data.validate_data``'s answer); ConfigError if they are invalid."""
+    image_size = cfg.image_size or info.image_size
+    if not image_size:
+        raise ConfigError(f"--image_size: required for --dataset {cfg.dataset}, whose images have "
+                          "no common native size (e.g. --image_size=64)")
+    num_classes = info.num_classes if cfg.class_conditional else 0
+    return model_config_for(cfg, image_size, info.channels, num_classes), recipe_for(cfg)
+
+
+def resolved_record(model_config: Any, recipe: uc.Recipe) -> dict[str, Any]:
+    """What a run's flags resolved to, kept in its config.json under ``"resolved"``: the
+    model config and the recipe, every default filled in. A later version of the code
+    may resolve the same flags differently (a changed recipe default); a resume compares
+    against this record, not against its own reading of the old flags."""
+    return json.loads(json.dumps({"model": dataclasses.asdict(model_config),
+                                  "recipe": dataclasses.asdict(recipe)}))
+
+
+def _recorded_or_resolved(old: dict[str, Any], info: Any) -> dict[str, Any] | None:
+    """``old``'s resolved record; for a config.json written before there was one, its
+    flags resolved by this code (None if they no longer resolve)."""
+    if isinstance(old.get("resolved"), dict):
+        return old["resolved"]
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        return resolved_record(*resolve(TrainConfig(**{k: v for k, v in old.items() if k in known}), info))
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
+def _differences(then: dict[str, Any], now: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, tuple]:
+    # Only keys both sides have: a field added to the code since has no old value.
+    return {k: (then[k], now[k]) for k in sorted(now) if k in then and k not in skip and then[k] != now[k]}
+
+
+def _check_resume(cfg: TrainConfig, info: Any) -> int | None:
     """The step a workdir resumes from (None: a fresh start), after checking that the
-    flags can resume it. Without a checkpoint there is nothing to resume: a config.json
-    left by a run that stopped before its first checkpoint is simply replaced."""
+    flags can resume it: the flags that must not change are unchanged, or changed only
+    in spelling (they build the same model and masking), and this code builds from them
+    the model and recipe that the run's config.json records. The label dropout may change
+    (it is logged). Without a checkpoint there is nothing to resume: a config.json left by
+    a run that stopped before its first checkpoint is simply replaced."""
     step = ckpt_lib.latest_step(cfg.workdir)
-    if step is not None:
-        cfg.check_resume_compatible(os.path.join(cfg.workdir, "config.json"))
+    path = os.path.join(cfg.workdir, "config.json")
+    if step is None or not os.path.exists(path):
+        return step
+    old = read_config_json(path, "workdir")
+    then = _recorded_or_resolved(old, info)
+    if then is None:
+        cfg.check_resume_compatible(old, path)
+        return step
+    now = resolved_record(*resolve(cfg, info))
+    model_diff = _differences(then.get("model", {}), now["model"])
+    recipe_diff = _differences(then.get("recipe", {}), now["recipe"], skip=("label_dropout",))
+    equivalent = (() if model_diff else MODEL_FLAGS) + (() if recipe_diff else RECIPE_FLAGS)
+    cfg.check_resume_compatible(old, path, equivalent)  # a changed flag is named first
+    for what, diff in (("model", model_diff), ("recipe", recipe_diff)):
+        if diff:
+            raise ConfigError(
+                f"--workdir {cfg.workdir}: the flags its run began with now build another "
+                f"{what} than the one its config.json records ("
+                + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                + "): this version of unidiff resolves them differently. Resume with the version "
+                "that began the run, or use a new --workdir")
     return step
 
 
@@ -123,11 +191,22 @@ OPERATIONAL_FLAGS = ("workdir", "data_dir", "log_every", "ckpt_every", "keep_che
                      "num_workers", "num_devices", "stop_after", "max_nonfinite")
 
 
-def _changed_flags(cfg: TrainConfig, old: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{flag: (old, new)} of the training flags that differ from ``old`` (a config.json)."""
+def _changed_flags(cfg: TrainConfig, old: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{flag: (old, new)} of the training flags that differ from ``old`` (a config.json
+    that ``_check_resume`` accepted), ``now`` being what the new flags resolve to. The
+    label dropout is compared as resolved where the old run recorded it: unset on both
+    sides is still a change if the recipe's default changed in between."""
     new = cfg.to_json()
-    return {k: (old[k], new[k]) for k in sorted(new)
-            if k in old and old[k] != new[k] and k not in OPERATIONAL_FLAGS}
+    changed = {k: (old[k], new[k]) for k in sorted(new)
+               if k in old and old[k] != new[k] and k not in OPERATIONAL_FLAGS
+               and k not in MODEL_FLAGS + RECIPE_FLAGS}  # accepted: only their spelling changed
+    then = old.get("resolved")
+    if isinstance(then, dict) and "label_dropout" in then.get("recipe", {}):
+        a, b = then["recipe"]["label_dropout"], now["recipe"]["label_dropout"]
+        changed.pop("label_dropout", None)
+        if a != b:
+            changed["label_dropout"] = (a, b)
+    return changed
 
 
 def prepare(cfg: TrainConfig) -> Run:
@@ -137,18 +216,14 @@ def prepare(cfg: TrainConfig) -> Run:
         check_output_dir("workdir", cfg.workdir)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    resume_step = _check_resume(cfg)
     try:
         info = ud.validate_data(cfg.dataset, cfg.data_dir, "train")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    image_size = cfg.image_size or info.image_size
-    if not image_size:
-        raise ConfigError(f"--image_size: required for --dataset {cfg.dataset}, whose images have "
-                          "no common native size (e.g. --image_size=64)")
-    num_classes = info.num_classes if cfg.class_conditional else 0
-    model_config = model_config_for(cfg, image_size, info.channels, num_classes)
-    recipe = _recipe_for(cfg)
+    model_config, recipe = resolve(cfg, info)
+    image_size = model_config.image_size
+    num_classes = model_config.num_classes
+    resume_step = _check_resume(cfg, info)
     num_tokens = (image_size // model_config.patch_size) ** 2
     try:
         recipe.validate_for(num_tokens)
@@ -199,7 +274,7 @@ def prepare(cfg: TrainConfig) -> Run:
                           "or --flip=false")
     flip = {"auto": allow_flip, "true": True, "false": False}[cfg.flip]
     return Run(cfg, recipe, model_config, source, image_size, num_classes, num_devices,
-               total, warmup, flip)
+               total, warmup, flip, info)
 
 
 class _Stop:
@@ -300,7 +375,7 @@ def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) 
 def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dict:
     cfg = run.cfg
     config_path = os.path.join(cfg.workdir, "config.json")
-    _check_resume(cfg)  # again: the workdir may have changed since prepare
+    _check_resume(cfg, run.data_info)  # again: the workdir may have changed since prepare
     metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
 
     mesh = make_mesh(run.num_devices)
@@ -353,7 +428,8 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
         raise TrainingError(str(e)) from None
     if jax.process_index() == 0:
         old = read_config_json(config_path, "workdir") if start and os.path.exists(config_path) else {}
-        changed = _changed_flags(cfg, old)
+        now = resolved_record(run.model_config, run.recipe)
+        changed = _changed_flags(cfg, old, now)
         if changed:
             # The old flags described the steps so far: keep them next to the new ones
             # (written before config.json is replaced, so a kill loses neither).
@@ -363,8 +439,12 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
             log.warning("resuming at step %d with changed flags (%s); the previous config is "
                         "kept as %s", start, ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
                                                        changed.items()), kept)
+        if old and not isinstance(old.get("resolved"), dict):
+            log.warning("%s records only flags, not what they resolved to (written by an older "
+                        "unidiff): the steps from %d on train with recipe %s", config_path, start,
+                        now["recipe"])
         # Only now: a restore that fails leaves config.json describing the checkpoints.
-        ckpt_lib.write_json_atomic(config_path, cfg.to_json())
+        ckpt_lib.write_json_atomic(config_path, {**cfg.to_json(), "resolved": now})
         # Records past the checkpoint (all of them on a fresh start: a run killed before
         # its first checkpoint) are re-logged by the steps that follow.
         _truncate_metrics(metrics_path, start)

@@ -22,7 +22,7 @@ from unidiff import data as ud
 from unidiff import models as um
 from unidiff.train import checkpoint as ckpt_lib
 from unidiff.train.config import INHERITED, ConfigError, TrainConfig, read_config_json, resolve_arch
-from unidiff.train.loop import model_config_for
+from unidiff.train.loop import model_config_for, recipe_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +92,9 @@ def load_workdir(workdir: str, data_dir: str | None = None, flag: str = "workdir
     num_classes = info.num_classes if cfg.class_conditional else 0
     model_config = model_config_for(cfg, image_size, info.channels, num_classes)
     try:
-        overrides = {k: getattr(cfg, k) for k in ("r_t0", "m_t0", "m_t", "label_dropout")
-                     if getattr(cfg, k) is not None}
-        recipe = uc.recipes.get(cfg.recipe).replace(**overrides)
-    except ValueError as e:
-        raise ConfigError(f"{os.path.join(workdir, 'config.json')}: recipe: {e}") from None
+        recipe = recipe_for(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{os.path.join(workdir, 'config.json')}: {e}") from None
     return TrainedModel(
         workdir=workdir, cfg=cfg, model=um.Model(model_config), recipe=recipe,
         schedule=uc.make_schedule(recipe.schedule, recipe.num_steps),
@@ -118,12 +116,9 @@ def load_params(trained: TrainedModel, use_ema: bool = True) -> tuple[Any, int]:
     raw ones.
     """
     workdir = trained.workdir
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir) or not any(
-        name.isdigit() for name in os.listdir(ckpt_dir)
-    ):
-        raise ConfigError(f"--workdir {workdir}: no checkpoint under {ckpt_dir}; train it "
-                          "first (pretrain.py / finetune.py)")
+    if ckpt_lib.latest_step(workdir) is None:
+        raise ConfigError(f"--workdir {workdir}: no checkpoint under "
+                          f"{ckpt_lib.checkpoint_dir(workdir)}; train it first (pretrain.py / finetune.py)")
     try:
         params, step = ckpt_lib.restore_params(workdir, use_ema=use_ema)
     except (FileNotFoundError, ckpt_lib.CheckpointReadError) as e:
