@@ -75,6 +75,41 @@ def test_folder_split_subdirectory(tmp_path, fakes):
     assert not np.array_equal(tr[0]["image"], te[0]["image"])
 
 
+def _png_classes(root, names, value):
+    from PIL import Image
+
+    for name in names:
+        os.makedirs(os.path.join(root, name))
+        Image.fromarray(np.full((4, 4, 3), value[name], np.uint8)).save(os.path.join(root, name, "0.png"))
+
+
+@pytest.mark.parametrize("held_out", ["test", "val"])
+def test_folder_held_out_split_numbers_classes_as_train_does(tmp_path, held_out):
+    """A test/ lacking one of train/'s classes numbered its own folders 0..K'-1, so its
+    'c' images got the id of train's 'b' and a probe scored them against the wrong class."""
+    value = {"a": 10, "b": 120, "c": 230}
+    _png_classes(tmp_path / "train", ["a", "b", "c"], value)
+    _png_classes(tmp_path / held_out, ["a", "c"], value)
+    tr = ud.build_source("folder", str(tmp_path), "train")
+    te = ud.build_source("folder", str(tmp_path), "test")
+    assert te.classes == tr.classes == ["a", "b", "c"] and te.num_classes == tr.num_classes == 3
+    train_label = {int(tr[i]["image"][0, 0, 0]): int(tr[i]["label"]) for i in range(len(tr))}
+    for i in range(len(te)):
+        assert int(te[i]["label"]) == train_label[int(te[i]["image"][0, 0, 0])]
+    assert sorted(int(te[i]["label"]) for i in range(len(te))) == [0, 2]
+    assert ud.validate_data("folder", str(tmp_path), "test").num_classes == 3
+
+
+def test_folder_held_out_class_unknown_to_train_is_refused(tmp_path):
+    value = {"a": 10, "b": 120, "z": 230}
+    _png_classes(tmp_path / "train", ["a", "b"], value)
+    _png_classes(tmp_path / "test", ["a", "z"], value)
+    with pytest.raises(ud.DataError) as e:
+        ud.build_source("folder", str(tmp_path), "test")
+    msg = str(e.value)
+    assert f"--data_dir={tmp_path}" in msg and "'z'" in msg and "train" in msg and "\n" not in msg, msg
+
+
 @pytest.mark.parametrize("split", ["test", "val", "validation"])
 def test_folder_without_held_out_subfolder_has_no_test_split(folder_dir, split):
     """A flat tree used to serve as its own test split, so a probe tested on its training images."""

@@ -238,8 +238,17 @@ class ImageNetNpzSource:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
+def _class_folders(root: str) -> list[str]:
+    """Sorted names of the visible subfolders of ``root`` (one per class)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
 class ImageFolderSource:
     """One subfolder per class (sorted names -> ids 0..K-1), JPEG/PNG read with Pillow.
+
+    The held-out split numbers its classes as ``train/`` does (``classes`` and
+    ``num_classes`` are train's), so a class missing from it shifts no label; a class
+    folder there with no counterpart in ``train/`` is an error.
 
     The split lives in ``data_dir/<split>/`` when that folder exists (``val`` and
     ``validation`` are also tried for the test split). A tree with no split folders
@@ -264,16 +273,27 @@ class ImageFolderSource:
                 raise DataError(f"--data_dir={top} has a test/ or val/ subfolder but no train/ "
                                 "(--dataset=folder expects both, or neither for training only)")
         self.root = root
-        classes = sorted(
-            e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
-        )
+        classes = _class_folders(root)
         if not classes:
             raise DataError(f"--data_dir={root} has no class subfolders (--dataset=folder expects <data_dir>/<class_name>/*.jpg|*.jpeg|*.png)")
-        self.classes = classes
-        self.num_classes = len(classes)
+        ids = classes
+        if split == "test" and os.path.isdir(os.path.join(top, "train")):
+            # Class ids come from train/: numbering the held-out folder's own (sorted)
+            # names would give its classes other ids wherever a class is missing from it.
+            train_root = os.path.join(top, "train")
+            ids = _class_folders(train_root)
+            unknown = sorted(set(classes) - set(ids))
+            if unknown:
+                raise DataError(f"--data_dir={top}: class folder(s) {unknown[:3]} of {root} have "
+                                f"no counterpart in {train_root} (--dataset=folder numbers the "
+                                "classes of train/; the held-out split must use the same names)")
+        self.classes = ids
+        self.num_classes = len(ids)
         self.paths: list[str] = []
         labels: list[int] = []
-        for label, name in enumerate(classes):
+        label_of = {name: i for i, name in enumerate(ids)}
+        for name in classes:
+            label = label_of[name]
             folder = os.path.join(root, name)
             files = sorted(
                 e.name
