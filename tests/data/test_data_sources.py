@@ -83,6 +83,23 @@ def _png_classes(root, names, value):
         Image.fromarray(np.full((4, 4, 3), value[name], np.uint8)).save(os.path.join(root, name, "0.png"))
 
 
+def test_folder_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+    """Pillow's convert("RGB") clips a 16-bit grayscale PNG (mode I;16) at 255: a full-range
+    ramp came back 255 everywhere but its darkest pixel."""
+    from PIL import Image
+
+    ramp = (np.arange(64).reshape(8, 8) * 1024 + 300).astype(np.uint16)
+    os.makedirs(tmp_path / "x")
+    Image.fromarray(ramp).save(tmp_path / "x" / "16.png")
+    assert Image.open(tmp_path / "x" / "16.png").mode.startswith("I")  # really 16-bit on disk
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "x" / "8.png")
+    src = ud.build_source("folder", str(tmp_path), "train")
+    sixteen, eight = (src[src.paths.index(str(tmp_path / "x" / n))]["image"] for n in ("16.png", "8.png"))
+    assert sixteen.dtype == np.uint8 and sixteen.shape == (8, 8, 3)
+    np.testing.assert_array_equal(sixteen, np.repeat((ramp >> 8).astype(np.uint8)[..., None], 3, -1))
+    np.testing.assert_array_equal(sixteen, eight)
+
+
 @pytest.mark.parametrize("held_out", ["test", "val"])
 def test_folder_held_out_split_numbers_classes_as_train_does(tmp_path, held_out):
     """A test/ lacking one of train/'s classes numbered its own folders 0..K'-1, so its

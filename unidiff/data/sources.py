@@ -238,6 +238,19 @@ class ImageNetNpzSource:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
+def _rgb_uint8(im: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 of any image Pillow opens from a .jpg/.jpeg/.png file.
+
+    A 16-bit grayscale PNG opens in mode I;16 (I in older Pillow), which ``convert("RGB")``
+    clips at 255 instead of scaling (a full-range image came out nearly all white); keep its
+    top 8 bits, as Pillow itself does for 16-bit RGB PNGs.
+    """
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        gray = (np.clip(np.asarray(im).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def _class_folders(root: str) -> list[str]:
     """Sorted names of the visible subfolders of ``root`` (one per class)."""
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -315,7 +328,7 @@ class ImageFolderSource:
         try:
             with Image.open(path) as im:
                 im.load()  # force the full decode so truncated files fail here
-                image = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                image = _rgb_uint8(im)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             logging.warning("skipping unreadable image %s: %s", path, err)
             return None
