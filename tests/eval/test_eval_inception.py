@@ -359,3 +359,24 @@ def test_load_inception_params_rejects_bad_files(tmp_path, converted):
     np.savez(wrong, **bad)
     with pytest.raises(ValueError, match="wrong_shape.npz.*fc/b"):
         inc.load_inception_params(wrong)
+
+
+def test_convert_file_names_bad_output_before_reading_and_unreadable_input(tmp_path):
+    """A folder as --output, or --output = --input, failed only after the whole input was
+    read and converted, with a traceback; an unreadable .npz input was a zipfile traceback."""
+    truncated = tmp_path / "truncated.npz"
+    np.savez(truncated, **{"fc.bias": np.zeros(1008, np.float32)})
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    # The input is unreadable, so naming --output proves the output was checked first.
+    with pytest.raises(ValueError, match="--output .*is a folder"):
+        convert_file(str(truncated), str(tmp_path))
+    with pytest.raises(ValueError, match="--output .*is also the input --input"):
+        convert_file(str(truncated), str(truncated))
+    with pytest.raises(ValueError, match="--input .*truncated.npz.* not a readable .npz"):
+        convert_file(str(truncated), str(tmp_path / "out.npz"))
+    single = tmp_path / "single.npz"
+    with open(single, "wb") as f:
+        np.save(f, np.zeros(3))
+    with pytest.raises(ValueError, match="--input .*single.npz.*single array"):
+        convert_file(str(single), str(tmp_path / "out.npz"))
+    assert not (tmp_path / "out.npz").exists()

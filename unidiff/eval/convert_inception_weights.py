@@ -26,9 +26,12 @@ their torch names (e.g. written elsewhere with
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any, Mapping
 
 import numpy as np
+
+from unidiff.outputs import check_output_file
 
 _BN_RENAMES = {
     "weight": "scale",
@@ -78,8 +81,15 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def _load_state_dict(path: str) -> dict[str, np.ndarray]:
     """A torch ``.pth`` (needs torch) or an ``.npz`` of the state dict's arrays under torch names."""
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        try:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy loads as an array
+                raise ValueError("it holds a single array, not named ones")
+            with data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(f"--input {path!r} is not a readable .npz of the state dict's "
+                             f"arrays ({e})") from None
     try:
         import torch  # noqa: PLC0415  (optional, only for this conversion)
     except ImportError as e:
@@ -101,6 +111,8 @@ def convert_file(input_path: str, output_path: str) -> None:
 
     if not os.path.isfile(input_path):
         raise ValueError(f"--input {input_path!r} not found")
+    # Before reading ~100 MB of weights: a bad --output would otherwise fail only at the end.
+    check_output_file("output", output_path, {"input": input_path})
     flat = convert_state_dict(_load_state_dict(input_path))
     num_classes = flat["fc/b"].shape[0] if "fc/b" in flat else inception.NUM_CLASSES
     inception.validate_flat_params(flat, input_path, num_classes)
