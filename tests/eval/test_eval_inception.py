@@ -380,3 +380,32 @@ def test_convert_file_names_bad_output_before_reading_and_unreadable_input(tmp_p
     with pytest.raises(ValueError, match="--input .*single.npz.*single array"):
         convert_file(str(single), str(tmp_path / "out.npz"))
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_weight_files_survive_a_failed_write(tmp_path, converted, monkeypatch):
+    """Both writers opened the destination itself: a write that died part way (disk full,
+    a kill) left a truncated file in place of the good weights already there."""
+    from unidiff.eval import convert_inception_weights as cw
+
+    sd, flat = converted
+    torch_named = tmp_path / "torch_named.npz"
+    np.savez(torch_named, **sd)
+    out = tmp_path / "new" / "inception_fid.npz"  # a missing folder is created
+    cw.convert_file(str(torch_named), str(out))
+    copy = tmp_path / "copy.npz"
+    inc.save_inception_params(copy, inc.load_inception_params(out))
+
+    def dying_savez(f, **arrays):
+        f.write(b"PK\x03\x04 part of a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", dying_savez)
+    with pytest.raises(OSError, match="No space"):
+        cw.convert_file(str(torch_named), str(out))
+    with pytest.raises(OSError, match="No space"):
+        inc.save_inception_params(copy, inc.unflatten_params(flat))
+    monkeypatch.undo()
+    for path in (out, copy):
+        for k, v in inc.flatten_params(inc.load_inception_params(path)).items():
+            np.testing.assert_array_equal(v, flat[k])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["inception_fid.npz"]  # no temp left

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from unidiff.outputs import check_output_file
+from unidiff.outputs import atomic_write, check_output_file
 
 _BN_RENAMES = {
     "weight": "scale",
@@ -116,7 +116,8 @@ def convert_file(input_path: str, output_path: str) -> None:
     flat = convert_state_dict(_load_state_dict(input_path))
     num_classes = flat["fc/b"].shape[0] if "fc/b" in flat else inception.NUM_CLASSES
     inception.validate_flat_params(flat, input_path, num_classes)
-    with open(output_path, "wb") as f:
+    # Atomic: a write that dies part way leaves an existing weights file as it was.
+    with atomic_write(output_path) as f:
         np.savez(f, **flat)
 
 

@@ -72,6 +72,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Num
 
+from unidiff.outputs import atomic_write
+
 INPUT_SIZE = 299
 POOL_DIM = 2048
 NUM_CLASSES = 1008
@@ -354,7 +356,7 @@ def validate_flat_params(
 def save_inception_params(path: str | os.PathLike, params: Mapping[str, Mapping[str, Any]]) -> None:
     """Write Haiku params as the flat float32 ``.npz`` that ``load_inception_params`` reads."""
     flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
-    with open(path, "wb") as f:
+    with atomic_write(os.fspath(path)) as f:  # a failed write keeps the previous file
         np.savez(f, **flat)
 
 
