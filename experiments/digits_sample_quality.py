@@ -37,6 +37,11 @@ def load(path: str):
 
     if not path or not os.path.isfile(path):
         raise ValueError(f"--samples {path}: file not found")
+    if not zipfile.is_zipfile(path):
+        # np.load would try a .png as a pickle and say so, and return a bare .npy as an
+        # array that is no context manager: neither points at the real mistake.
+        raise ValueError(f"--samples {path}: not an .npz archive; give the .npz that "
+                         "sample.py writes beside its --out .png")
     try:
         with np.load(path, allow_pickle=False) as data:
             images, labels = data["images"], data["labels"]
@@ -47,6 +52,8 @@ def load(path: str):
     if images.dtype != np.uint8 or images.shape[1:] != (16, 16, 1):
         raise ValueError(f"--samples {path}: images must be uint8 (N, 16, 16, 1) digits, got "
                          f"{images.dtype} {images.shape}")
+    if images.shape[0] == 0:
+        raise ValueError(f"--samples {path}: holds no images")
     if labels.shape != (images.shape[0],) or labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"--samples {path}: labels must be (N,) class ids 0..9 (a class-"
                          "conditional model's samples)")
