@@ -147,6 +147,31 @@ def test_folder_with_only_a_test_subfolder_has_no_train_split(tmp_path, fakes):
         ud.build_source("folder", str(tmp_path), "train")
 
 
+@pytest.mark.parametrize("dataset", ["folder", "latents"])
+def test_split_tree_has_no_all_split(tmp_path, fakes, dataset):
+    """'all' read the tree itself: a folder dataset took train/ and test/ for two classes
+    ("class folder .../test has no images"), latents looked for a latents.npy beside them."""
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        if dataset == "folder":
+            fakes.write_folder(str(tmp_path / split))
+        else:
+            fakes.write_latents(str(tmp_path / split))
+    assert len(ud.build_source(dataset, str(tmp_path), "train")) > 0
+    with pytest.raises(ud.DataError) as e:
+        ud.build_source(dataset, str(tmp_path), "all")
+    msg = str(e.value)
+    assert f"--data_dir={tmp_path} is split into train/, test/" in msg and "'all'" in msg, msg
+    # A tree without split folders still is its own 'all' split.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    if dataset == "folder":
+        fakes.write_folder(str(flat))
+    else:
+        fakes.write_latents(str(flat))
+    assert len(ud.build_source(dataset, str(flat), "all")) == len(ud.build_source(dataset, str(flat), "train"))
+
+
 def test_latents_without_held_out_subfolder_has_no_test_split(tmp_path, fakes):
     fakes.write_latents(str(tmp_path))
     assert len(ud.build_source("latents", str(tmp_path), "train")) == 10

@@ -69,6 +69,20 @@ def _split_folder(root: str, split: str, dataset: str, layout: str) -> str:
         f"<data_dir>/train/ and held-out ones under <data_dir>/test/ (or val/)")
 
 
+def _check_all_split(root: str, dataset: str) -> None:
+    """Split 'all' is the tree itself, so it needs a tree without split folders.
+
+    With train/ and test/ (or val/) the split folders would be read as data: a folder
+    dataset took 'test' and 'train' for two classes of no images, latents looked for a
+    latents.npy beside them.
+    """
+    present = [n for n in ("train",) + _HELD_OUT_FOLDERS if os.path.isdir(os.path.join(root, n))]
+    if present:
+        raise DataError(
+            f"--data_dir={root} is split into {', '.join(p + '/' for p in present)} so "
+            f"--dataset={dataset} has no 'all' split; ask for 'train' or 'test'")
+
+
 def _require_dir(data_dir: str | os.PathLike | None, dataset: str, expected: str) -> str:
     if data_dir is None or str(data_dir) == "":
         raise DataError(f"--data_dir is empty but --dataset={dataset} needs {expected}")
@@ -267,7 +281,8 @@ class ImageFolderSource:
     ``validation`` are also tried for the test split). A tree with no split folders
     is all training data: its 'train' and 'all' splits are the tree itself, and
     asking it for 'test' is an error, since the only images on offer are the
-    training ones. Every image is converted to RGB. Unreadable files give ``None``.
+    training ones; a tree with split folders has no 'all' split. Every image is
+    converted to RGB. Unreadable files give ``None``.
     """
 
     channels = 3
@@ -278,7 +293,9 @@ class ImageFolderSource:
     def __init__(self, data_dir: str, split: str = "train"):
         split = canonical_split(split)
         root = _require_dir(data_dir, "folder", "one subfolder of .jpg/.jpeg/.png images per class")
-        if split != "all":
+        if split == "all":
+            _check_all_split(root, "folder")
+        else:
             top = root
             root = _split_folder(top, split, "folder", "one folder of images per class")
             if root == top and any(os.path.isdir(os.path.join(top, n)) for n in _HELD_OUT_FOLDERS):
@@ -492,6 +509,8 @@ class LatentSource:
     def __init__(self, data_dir: str, split: str = "train"):
         split = canonical_split(split)
         root = _require_dir(data_dir, "latents", "latents.npy (N, h, w, c) float32 and optional labels.npy")
+        if split == "all":
+            _check_all_split(root, "latents")
         folder = root if split == "all" else _split_folder(root, split, "latents", "latents.npy")
         self.path = os.path.join(folder, "latents.npy")
         if not os.path.isfile(self.path):
