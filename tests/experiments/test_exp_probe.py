@@ -115,3 +115,19 @@ def test_probe_refuses_overlapping_splits(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert len(lines) == 1 and "--train_split/--test_split" in lines[0], (args, lines)
+
+
+def test_probe_negative_seed_names_seed(tmp_path):
+    """--seed=-1 reached numpy's shot selection and came back as '--shots 2: expected
+    non-negative integer', naming a flag that was fine."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    cfg = TrainConfig(workdir=str(workdir), dataset="synthetic", image_size=8, model="N/2",
+                      batch_size=8, train_steps=3)
+    (workdir / "config.json").write_text(json.dumps(cfg.to_json()))
+    proc = run_binary("probe.py", [f"--workdir={workdir}", "--pixels", "--shots=2", "--seed=-1"],
+                      check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("probe.py: error: --seed"), lines
+    assert "--shots" not in lines[0], lines
