@@ -219,3 +219,37 @@ def test_ema_is_decay_times_old_ema_plus_one_minus_decay_times_new_params():
     assert not bool(metrics["finite"])
     assert _tree_equal(jax.device_get(state.ema_params), after.ema_params)
     assert _tree_equal(jax.device_get(state.params), after.params)
+
+
+def test_logged_lr_is_the_rate_of_the_update_after_skipped_steps():
+    """A skipped (non-finite) step leaves the optimizer state, and so its schedule's
+    count, unchanged: the ``lr`` metric must be the schedule at that count (the rate the
+    update really used), not at ``state.step``, which skipped steps do advance."""
+    import optax
+
+    from unidiff.train.optim import lr_schedule
+
+    cfg = um.umd_config("P/2", image_size=8, in_channels=3)
+    model, batch_size = um.Model(cfg), 4
+    opt_cfg = OptimConfig(base_lr=1e-2, batch_size=batch_size, total_steps=10, warmup_steps=5)
+    optimizer, lr_fn = make_optimizer(opt_cfg), lr_schedule(opt_cfg)
+    mesh = make_mesh(1)
+    state = replicate(init_state(model.init(jax.random.key(0)), optimizer, jax.random.key(1),
+                                 use_ema=False), mesh)
+    step = make_train_step(model, uc.recipes.umd(), optimizer, mesh, batch_size,
+                           StepConfig(patch_size=2, num_classes=0), lr_fn=lr_fn)
+    rng = np.random.default_rng(0)
+    good = {"image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32),
+            "label": np.zeros(batch_size, np.int32)}
+    bad = dict(good, image=np.full_like(good["image"], np.nan))
+    for batch, finite in ((good, True), (bad, False), (bad, False), (good, True)):
+        # optax's own step counts (scale_by_adam's and the schedule's), before this step.
+        counts = {int(c) for _, c in optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")}
+        assert len(counts) == 1
+        (count,) = counts
+        taken = int(state.step)
+        state, metrics = step(state, shard_batch(batch, mesh, batch_size))
+        assert bool(metrics["finite"]) == finite
+        assert float(metrics["lr"]) == pytest.approx(float(lr_fn(count)), rel=1e-6, abs=0)
+    # The last step came after two skips: its rate is the schedule at 1, not at 3.
+    assert (count, taken) == (1, 3) and float(lr_fn(1)) != float(lr_fn(3))

@@ -135,6 +135,9 @@ def make_train_step(
     gradients' global norm as the extra argument ``grad_norm`` (the clipping of
     :func:`unidiff.train.optim.make_optimizer` reuses it); a transformation without extra
     arguments is called as usual.
+
+    ``lr_fn``, the optimizer's learning-rate schedule, adds the metric ``lr``: the rate of
+    this step's update, indexed by the updates applied so far (skipped steps excluded).
     """
     check_model_fits_recipe(model.config, recipe)
     optimizer = optax.with_extra_args_support(optimizer)
@@ -233,7 +236,10 @@ def make_train_step(
         )
         metrics = dict(metrics, grad_norm=grad_norm, finite=finite)
         if lr_fn is not None:
-            metrics["lr"] = lr_fn(state.step)
+            # The rate this step's update used: the optimizer's schedule counts applied
+            # updates, and a skipped (non-finite) step leaves its count where it was, so
+            # after k skips it lags ``state.step`` by k.
+            metrics["lr"] = lr_fn(state.step - state.nonfinite_total)
         return new_state, metrics
 
     on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
