@@ -253,3 +253,34 @@ def test_logged_lr_is_the_rate_of_the_update_after_skipped_steps():
         assert float(metrics["lr"]) == pytest.approx(float(lr_fn(count)), rel=1e-6, abs=0)
     # The last step came after two skips: its rate is the schedule at 1, not at 3.
     assert (count, taken) == (1, 3) and float(lr_fn(1)) != float(lr_fn(3))
+
+
+@pytest.mark.parametrize("step_classes,model_classes,step_patch", [(0, 10, 2), (10, 0, 2), (5, 10, 2), (0, 0, 4)])
+def test_step_config_must_agree_with_the_model(step_classes, model_classes, step_patch):
+    """StepConfig repeats the model's patch size and class count. Disagreeing, the step
+    used to run: a conditional model trained without labels, an unconditional one was
+    handed labels it ignored, and with 5 against 10 classes label dropout replaced labels
+    by class 5 (a real class of the model) instead of its null class 10."""
+    model = um.Model(um.umd_config("P/2", image_size=8, in_channels=3, num_classes=model_classes))
+    optimizer = make_optimizer(OptimConfig(batch_size=4, total_steps=1, warmup_steps=0))
+    name = "patch_size" if step_patch != 2 else "num_classes"
+    with pytest.raises(ValueError, match=f"StepConfig.{name}="):
+        make_train_step(model, uc.recipes.dit(), optimizer, make_mesh(1), 4,
+                        StepConfig(patch_size=step_patch, num_classes=step_classes))
+
+
+@pytest.mark.parametrize("use_ema,decay", [(False, 0.9), (True, 0.0)])
+def test_ema_setting_must_agree_with_the_state(use_ema, decay):
+    """ema_decay > 0 with a state built without EMA parameters used to train with no EMA
+    (ema_params stayed None); EMA parameters under ema_decay = 0 were overwritten with
+    the parameters every step. Both are refused when the step is traced."""
+    model = um.Model(um.umd_config("P/2", image_size=8, in_channels=3))
+    optimizer = make_optimizer(OptimConfig(batch_size=4, total_steps=1, warmup_steps=0))
+    mesh = make_mesh(1)
+    state = replicate(init_state(model.init(jax.random.key(0)), optimizer, jax.random.key(1),
+                                 use_ema=use_ema), mesh)
+    step = make_train_step(model, uc.recipes.dit(), optimizer, mesh, 4,
+                           StepConfig(patch_size=2, num_classes=0, ema_decay=decay))
+    batch = {"image": np.zeros((4, 8, 8, 3), np.float32), "label": np.zeros(4, np.int32)}
+    with pytest.raises(ValueError, match="ema_decay.*EMA parameters"):
+        step(state, shard_batch(batch, mesh, 4))

@@ -140,6 +140,16 @@ def make_train_step(
     this step's update, indexed by the updates applied so far (skipped steps excluded).
     """
     check_model_fits_recipe(model.config, recipe)
+    # StepConfig repeats two model settings; a mismatch would not fail but train wrongly:
+    # the step feeds labels (and drops them to the null class num_classes) only when its
+    # num_classes says so, so a conditional model would train unconditionally, or
+    # dropped labels would land on a real class of a larger label table.
+    for name in ("patch_size", "num_classes"):
+        if getattr(cfg, name) != getattr(model.config, name):
+            raise ValueError(
+                f"StepConfig.{name}={getattr(cfg, name)!r} but the model's config has "
+                f"{name}={getattr(model.config, name)!r}; they must agree"
+            )
     optimizer = optax.with_extra_args_support(optimizer)
     num_devices = mesh.shape[DATA_AXIS]
     n_clean, _ = uc.split_batch(batch_size, recipe.r_t0, num_devices)
@@ -195,6 +205,15 @@ def make_train_step(
     )
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        # At trace time: otherwise a state without EMA parameters under ema_decay > 0
+        # would train without an EMA, and one with them under ema_decay = 0 would copy
+        # the parameters into them, both silently.
+        if (state.ema_params is not None) != (cfg.ema_decay > 0):
+            raise ValueError(
+                f"StepConfig.ema_decay={cfg.ema_decay} but the state "
+                f"{'has' if state.ema_params is not None else 'has no'} EMA parameters; build "
+                "the state with init_state(..., use_ema=ema_decay > 0)"
+            )
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         keys = jax.random.split(key, batch_size)
         images, labels = batch["image"], batch["label"].astype(jnp.int32)
