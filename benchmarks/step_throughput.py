@@ -15,10 +15,11 @@ synthetic batch, and measures:
   * images/s = batch / step time; FLOPs per step from the analytic model
     (``unidiff.flops``: forward + backward = 3 x forward, real token counts per
     branch); achieved FLOP/s = FLOPs / step time;
-  * MFU = achieved FLOP/s / peak, where the peak is a large square matmul in the
-    compute dtype timed between the steps (once per round of recipes, or once after
-    each step with ``--nointerleave``; the median is used), so that it sees the same
-    spells of the shared host as the steps, unless ``--peak_flops`` is given; it is
+  * MFU = achieved FLOP/s / (peak x devices), where the peak is one device's: a large
+    square matmul in the compute dtype on device 0, timed between the steps (once per
+    round of recipes, or once after each step with ``--nointerleave``; the median is
+    used), so that it sees the same spells of the shared host as the steps, unless
+    ``--peak_flops`` is given; it is
     also measured before and after the recipes, and all three are in the JSON;
   * peak memory from ``device.memory_stats()`` where the backend reports it (GPU/TPU;
     the CPU backend reports nothing, so it is None there; a high-water mark of the whole
@@ -79,7 +80,9 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size.")
 _STEPS = flags.DEFINE_integer("steps", None, "Timed steps per recipe (median reported; >= 10 for real numbers).")
 _WARMUP = flags.DEFINE_integer("warmup_steps", None, "Untimed steps after compilation (default: the preset's).")
 _DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"], "Compute dtype of the step.")
-_PEAK = flags.DEFINE_float("peak_flops", None, "Device peak FLOP/s for MFU; default: measured with a matmul.")
+_PEAK = flags.DEFINE_float("peak_flops", None, "Peak FLOP/s of one device for MFU (the step runs on all "
+                           "devices, so MFU divides by this times their number); default: measured "
+                           "with a matmul on one device.")
 _MATMUL = flags.DEFINE_integer("matmul_size", None, "Side of the square matmul measuring the peak.")
 _ARCH = flags.DEFINE_enum("arch", "auto", ["auto", "umd", "umd_no_adaln", "mae", "mdt", "maskdit", "dit"],
                           "Architecture as in training (--arch of pretrain.py); auto = the recipe's default. "
@@ -216,9 +219,15 @@ def model_config(opts: Options, recipe_name: str):
 def check_recipes(opts: Options) -> None:
     """Every recipe's architecture builds at these settings and its masks fit the tokens;
     ValueError naming the flag otherwise (before anything is measured)."""
+    import jax
+
     from unidiff import corruption as uc
     from unidiff.train.step import check_model_fits_recipe
 
+    # The step shards the batch over every device (make_mesh()).
+    if opts.batch_size % jax.device_count():
+        raise ValueError(f"--batch_size: {opts.batch_size} is not divisible by the "
+                         f"{jax.device_count()} devices")
     for name in opts.recipes:
         arch, mcfg = model_config(opts, name)
         recipe = uc.recipes.get(name)
@@ -531,7 +540,9 @@ def run_suite(opts: Options, log=print) -> list[dict[str, Any]]:
     dit_time = next((r["step_time_s"] for r in records if r["recipe"] == "dit"), None)
     dit_fl = dit_flops(opts)
     for r in records:
-        r["mfu"] = r["achieved_flops"] / peak
+        # achieved_flops is the whole mesh's (the global batch's FLOPs per step), while the
+        # peak is one device's (the probe runs on device 0; --peak_flops says per device).
+        r["mfu"] = r["achieved_flops"] / (peak * r["num_devices"])
         r["peak_flops"] = peak
         r["peak_flops_source"] = source
         r["matmul_peaks_flops"] = peaks

@@ -19,8 +19,9 @@ KEYS = ("recipe", "model", "image_size", "batch_size", "compile_time_s", "step_t
         "images_per_s", "flops_per_step", "achieved_flops", "mfu")
 
 
-def _run(tmp_path, *args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _run(tmp_path, *args, **env_extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **env_extra)
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -41,6 +42,7 @@ def test_suite_runs_two_recipes_and_writes_records(tmp_path):
         assert len(r["step_times_s"]) == 2
         assert r["images_per_s"] == pytest.approx(8 / r["step_time_s"])
         assert r["achieved_flops"] == pytest.approx(r["flops_per_step"] / r["step_time_s"])
+        assert r["num_devices"] == 1
         assert r["mfu"] == pytest.approx(r["achieved_flops"] / r["peak_flops"])
         assert math.isfinite(r["loss"])
         assert r["timing"] == "interleaved"  # the default: recipes' steps taken in turns
@@ -71,6 +73,26 @@ def test_paper_preset_runs_in_bfloat16_with_overrides(tmp_path):
     assert (rec["model"], rec["image_size"], rec["batch_size"]) == ("N/2", 8, 4)
     assert len(rec["step_times_s"]) == 2 and math.isfinite(rec["loss"])
     assert rec["timing"] == "sequential"
+
+
+def test_mfu_divides_by_the_peak_of_every_device(tmp_path):
+    """On a 2-device mesh the step's FLOP/s are the two devices' together, and the peak
+    (--peak_flops, or the probe on device 0) is one device's: MFU is achieved / (2 x
+    peak), not achieved / peak (which read 2x too high). A batch the devices cannot
+    share is refused, naming --batch_size, before anything is measured."""
+    two = dict(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = tmp_path / "records.json"
+    proc = _run(tmp_path, "--recipes=dit", "--model=P/2", "--image_size=8", "--batch_size=4",
+                "--steps=1", "--warmup_steps=0", "--peak_flops=1e9", f"--json={out}", **two)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rec,) = json.loads(out.read_text())
+    assert rec["num_devices"] == 2 and rec["peak_flops"] == 1e9
+    assert rec["mfu"] == pytest.approx(rec["flops_per_step"] / rec["step_time_s"] / 2e9)
+    proc = _run(tmp_path, "--recipes=dit", "--model=P/2", "--image_size=8", "--batch_size=3",
+                "--steps=1", "--matmul_size=64", **two)
+    assert proc.returncode != 0
+    assert "--batch_size: 3 is not divisible by the 2 devices" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "matmul peak" not in proc.stdout
 
 
 @pytest.mark.parametrize("args,needles", [
