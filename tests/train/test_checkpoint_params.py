@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from tests.e2e_helpers import ROOT, child_env
-from unidiff.train.checkpoint import Checkpointer, restore_params
+from unidiff.train.checkpoint import Checkpointer, latest_step, restore_params
 from unidiff.train.state import init_state
 
 RAW = {"encoder": {"w": np.arange(6, dtype=np.float32).reshape(2, 3),
@@ -88,6 +88,17 @@ def test_run_without_ema_returns_the_raw_params(tmp_path, use_ema):
 def test_no_checkpoint_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         restore_params(str(tmp_path))
+
+
+def test_reading_a_missing_workdir_creates_nothing(tmp_path):
+    """A mistyped --workdir of sample.py, probe.py or a finetune's pretraining is an
+    error, not a reason to create ``<workdir>/checkpoints`` (orbax's manager creates its
+    directory unless told not to)."""
+    missing = tmp_path / "typo"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        restore_params(str(missing))
+    assert not missing.exists()
+    assert latest_step(str(missing)) is None and not missing.exists()
 
 
 _READ_DAMAGED = r"""

@@ -56,7 +56,9 @@ def _restoring(mngr: ocp.CheckpointManager, directory: str, step: int) -> Iterat
 def _reader(workdir: str) -> Iterator[tuple[str, ocp.CheckpointManager]]:
     """(directory, manager) for reading a workdir's checkpoints; closed on exit, errors included."""
     directory = checkpoint_dir(workdir)
-    mngr = ocp.CheckpointManager(directory, item_names=ITEMS)
+    # create=False: reading a mistyped workdir must not make it (and its checkpoints/).
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                 item_names=ITEMS)
     try:
         yield directory, mngr
     finally:
