@@ -41,6 +41,7 @@ runs the noisy rows twice (full and masked).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from unidiff.corruption import recipes as _recipes
@@ -92,6 +93,9 @@ def forward_flops(config: ModelConfig, num_visible: int | None = None) -> dict[s
     cfg = config
     length, w, wd = cfg.num_tokens, cfg.width, cfg.dec_width
     masked = num_visible is not None
+    # int() would truncate a fractional count (2.9 -> 2) and read True as 1 token.
+    if masked and (isinstance(num_visible, bool) or not isinstance(num_visible, numbers.Integral)):
+        raise ValueError(f"num_visible: expected an integer in [1, {length}] or None, got {num_visible!r}")
     k = length if num_visible is None else int(num_visible)
     if not 1 <= k <= length:
         raise ValueError(f"num_visible: expected an integer in [1, {length}] or None, got {num_visible!r}")
@@ -167,6 +171,8 @@ def train_step_flops(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    if not isinstance(config, ModelConfig):  # before config.num_tokens below
+        raise ValueError(f"config: expected a ModelConfig, got {type(config).__name__}")
     length = config.num_tokens
     factor = 1 + BACKWARD_FACTOR
     branches: dict[str, dict[str, Any]] = {}

@@ -251,4 +251,13 @@ def test_bad_inputs_name_the_field():
         flops.train_step_flops(cfg, recipes.umd(), 0)
     with pytest.raises(ValueError, match="recipe"):
         flops.train_step_flops(cfg, "umd", 4)
+    # Caught before use: a str has no num_tokens, and int() would truncate 2.9 to 2.
+    with pytest.raises(ValueError, match="config: expected a ModelConfig, got str"):
+        flops.train_step_flops("B/4", recipes.umd(), 4)
+    with pytest.raises(ValueError, match="config: expected a ModelConfig"):
+        flops.flops_ratio(cfg, recipes.umd(), recipes.dit(), 4, config_b="B/4")
+    for bad in (2.9, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="num_visible"):
+            flops.forward_flops(cfg, bad)
+    assert flops.forward_flops(cfg, np.int64(2)) == flops.forward_flops(cfg, 2)
     assert np.isfinite(flops.flops_ratio(cfg, recipes.mae(), recipes.dit(), 8))
