@@ -20,7 +20,10 @@ synthetic batch, and measures:
     round of recipes, or once after each step with ``--nointerleave``; the median is
     used), so that it sees the same spells of the shared host as the steps, unless
     ``--peak_flops`` is given; it is
-    also measured before and after the recipes, and all three are in the JSON;
+    also measured before and after the recipes, and all three are in the JSON.
+    Simulated host devices (``--xla_force_host_platform_device_count``) share the
+    same cores, so there the machine's matmul rate is the peak of all of them
+    together: pass it divided by the device count as ``--peak_flops``;
   * peak memory from ``device.memory_stats()`` where the backend reports it (GPU/TPU;
     the CPU backend reports nothing, so it is None there; a high-water mark of the whole
     run, so with interleaving it covers all recipes' states at once), plus XLA's own estimate of

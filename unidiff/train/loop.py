@@ -463,23 +463,38 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
     metrics_file = open(metrics_path, "a") if jax.process_index() == 0 else None
     step, skipped_logged = start, 0
     end = run.total_steps if cfg.stop_after == 0 else min(run.total_steps, start + cfg.stop_after)
+
+    def check_nonfinite() -> None:
+        # Reading the counter waits for the step that produced it.
+        if int(state.nonfinite_run) >= cfg.max_nonfinite:
+            good = checkpointer.latest_step()
+            where = (f"the last good checkpoint is step {good} in {checkpointer.directory}"
+                     if good is not None else "no checkpoint was saved before them")
+            raise TrainingError(
+                f"stopping at step {step}: {int(state.nonfinite_run)} consecutive "
+                f"steps with a non-finite loss or gradient norm, skipped (--max_nonfinite "
+                f"{cfg.max_nonfinite}); {where}. Lower --base_lr or check the data."
+            )
+
+    unchecked = False  # the last step's non-finite count is still to be read
     try:
         with jax.set_mesh(mesh):
             while step < end:
+                # The next batch is read and sent to the devices while the last step still
+                # runs; only then is its non-finite count read (which waits for it), before
+                # the next step is dispatched and donates that state.
                 batch = shard_batch(next(data_iter), mesh, cfg.batch_size)
+                if unchecked:
+                    check_nonfinite()
                 state, metrics = step_fn(state, batch)
                 step += 1
                 window_steps += 1
-                if int(state.nonfinite_run) >= cfg.max_nonfinite:
-                    last = checkpointer.latest_step()
-                    where = (f"the last good checkpoint is step {last} in {checkpointer.directory}"
-                             if last is not None else "no checkpoint was saved before them")
-                    raise TrainingError(
-                        f"stopping at step {step}: {int(state.nonfinite_run)} consecutive "
-                        f"steps with a non-finite loss or gradient norm, skipped (--max_nonfinite "
-                        f"{cfg.max_nonfinite}); {where}. Lower --base_lr or check the data."
-                    )
-                if step % cfg.log_every == 0 or step == run.total_steps:
+                log_now = step % cfg.log_every == 0 or step == run.total_steps
+                save_now = step % cfg.ckpt_every == 0 or step == end or stop.signum is not None
+                unchecked = not (log_now or save_now)
+                if not unchecked:  # nothing is logged or saved past the limit
+                    check_nonfinite()
+                if log_now:
                     m = jax.device_get(metrics)
                     now = time.perf_counter()
                     ips = window_steps * cfg.batch_size / (now - window_start)
@@ -506,8 +521,7 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
                         metrics_file.write(json.dumps(last, sort_keys=True) + "\n")
                         metrics_file.flush()
                     window_start, window_steps = time.perf_counter(), 0
-                if (step % cfg.ckpt_every == 0 or step == end
-                        or stop.signum is not None):
+                if save_now:
                     if checkpointer.latest_step() != step:
                         checkpointer.save(step, state, data_iter, force=True)
                 if stop.signum is not None:
