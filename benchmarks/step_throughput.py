@@ -35,7 +35,8 @@ synthetic batch, and measures:
 The table also shows each recipe's step time relative to DiT's (measured in the same
 run) next to the FLOP model's prediction of that ratio.
 
-Presets (individual flags override them):
+Presets (individual flags override them; a preset's batch is per device, so the global
+batch is that times the device count, while ``--batch_size`` gives the global batch):
   * ``cpu``: S/4 at 64x64, batch 4, float32, 10 timed steps after 1 warm-up step: 2.4
     to 2.5 minutes for the five recipes on 2 CPU cores, 51-54 s of it compiling five
     16-block models; about 6 GiB of memory, with all five states held for the interleaved steps.
@@ -68,9 +69,9 @@ from unidiff.runtime import tune_host_allocator
 tune_host_allocator()
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(recipes="dit,maskdit,mae,umd,mdt", model="S/4", image_size=64, batch_size=4,
+    "cpu": dict(recipes="dit,maskdit,mae,umd,mdt", model="S/4", image_size=64, batch_per_device=4,
                 steps=10, warmup_steps=1, compute_dtype="float32", matmul_size=2048),
-    "paper": dict(recipes="dit,maskdit,mae,umd,mdt", model="B/4", image_size=64, batch_size=256,
+    "paper": dict(recipes="dit,maskdit,mae,umd,mdt", model="B/4", image_size=64, batch_per_device=256,
                   steps=20, warmup_steps=2, compute_dtype="bfloat16", matmul_size=8192),
 }
 RECIPE_CHOICES = ("dit", "maskdit", "mae", "umd", "mdt", "umd_finetune", "usp")
@@ -79,7 +80,8 @@ _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Base configuration;
 _RECIPES = flags.DEFINE_string("recipes", None, f"Comma list of recipes from {', '.join(RECIPE_CHOICES)}.")
 _MODEL = flags.DEFINE_string("model", None, "Model variant, e.g. S/4 or B/4.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Square image size in pixels.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size (default: the preset's batch "
+                                   "per device times the number of devices).")
 _STEPS = flags.DEFINE_integer("steps", None, "Timed steps per recipe (median reported; >= 10 for real numbers).")
 _WARMUP = flags.DEFINE_integer("warmup_steps", None, "Untimed steps after compilation (default: the preset's).")
 _DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"], "Compute dtype of the step.")
@@ -148,13 +150,21 @@ class Options:
         return resolve_arch(recipe_name, self.arch)
 
 
+def _device_count() -> int:
+    import jax
+
+    return jax.device_count()
+
+
 def options_from_flags() -> Options:
     preset = PRESETS[_PRESET.value]
     pick = lambda flag, key: preset[key] if flag.value is None else flag.value  # noqa: E731
     recipes = tuple(r.strip() for r in pick(_RECIPES, "recipes").split(",") if r.strip())
     return Options(
         recipes=recipes, model=pick(_MODEL, "model"), image_size=pick(_IMAGE_SIZE, "image_size"),
-        batch_size=pick(_BATCH_SIZE, "batch_size"), steps=pick(_STEPS, "steps"),
+        batch_size=(preset["batch_per_device"] * _device_count() if _BATCH_SIZE.value is None
+                    else _BATCH_SIZE.value),
+        steps=pick(_STEPS, "steps"),
         warmup_steps=pick(_WARMUP, "warmup_steps"), compute_dtype=pick(_DTYPE, "compute_dtype"),
         peak_flops=_PEAK.value, matmul_size=pick(_MATMUL, "matmul_size"), arch=_ARCH.value,
         num_classes=_NUM_CLASSES.value, seed=_SEED.value, interleave=_INTERLEAVE.value,

@@ -79,7 +79,8 @@ def test_mfu_divides_by_the_peak_of_every_device(tmp_path):
     """On a 2-device mesh the step's FLOP/s are the two devices' together, and the peak
     (--peak_flops, or the probe on device 0) is one device's: MFU is achieved / (2 x
     peak), not achieved / peak (which read 2x too high). A batch the devices cannot
-    share is refused, naming --batch_size, before anything is measured."""
+    share is refused, naming --batch_size, before anything is measured. A preset's batch
+    is per device."""
     two = dict(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     out = tmp_path / "records.json"
     proc = _run(tmp_path, "--recipes=dit", "--model=P/2", "--image_size=8", "--batch_size=4",
@@ -93,6 +94,12 @@ def test_mfu_divides_by_the_peak_of_every_device(tmp_path):
     assert proc.returncode != 0
     assert "--batch_size: 3 is not divisible by the 2 devices" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "matmul peak" not in proc.stdout
+    # Without --batch_size the preset's batch is per device: 4 (cpu preset) on each of 2.
+    proc = _run(tmp_path, "--recipes=dit", "--model=P/2", "--image_size=8", "--steps=1",
+                "--warmup_steps=0", "--peak_flops=1e9", f"--json={out}", **two)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rec,) = json.loads(out.read_text())
+    assert (rec["num_devices"], rec["batch_size"]) == (2, 8)
 
 
 @pytest.mark.parametrize("args,needles", [
