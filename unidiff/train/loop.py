@@ -148,7 +148,7 @@ def _recorded_or_resolved(old: dict[str, Any], info: Any) -> dict[str, Any] | No
         return None
 
 
-def _differences(then: dict[str, Any], now: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, tuple]:
+def resolved_differences(then: dict[str, Any], now: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, tuple]:
     # Only keys both sides have: a field added to the code since has no old value.
     return {k: (then[k], now[k]) for k in sorted(now) if k in then and k not in skip and then[k] != now[k]}
 
@@ -170,8 +170,8 @@ def _check_resume(cfg: TrainConfig, info: Any) -> int | None:
         cfg.check_resume_compatible(old, path)
         return step
     now = resolved_record(*resolve(cfg, info))
-    model_diff = _differences(then.get("model", {}), now["model"])
-    recipe_diff = _differences(then.get("recipe", {}), now["recipe"], skip=("label_dropout",))
+    model_diff = resolved_differences(then.get("model", {}), now["model"])
+    recipe_diff = resolved_differences(then.get("recipe", {}), now["recipe"], skip=("label_dropout",))
     equivalent = (() if model_diff else MODEL_FLAGS) + (() if recipe_diff else RECIPE_FLAGS)
     cfg.check_resume_compatible(old, path, equivalent)  # a changed flag is named first
     for what, diff in (("model", model_diff), ("recipe", recipe_diff)):

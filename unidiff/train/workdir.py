@@ -11,6 +11,7 @@ that model. Every failure is a ``ConfigError`` naming the flag or file.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -22,7 +23,9 @@ from unidiff import data as ud
 from unidiff import models as um
 from unidiff.train import checkpoint as ckpt_lib
 from unidiff.train.config import INHERITED, ConfigError, TrainConfig, read_config_json, resolve_arch
-from unidiff.train.loop import model_config_for, recipe_for
+from unidiff.train.loop import model_config_for, recipe_for, resolved_differences, resolved_record
+
+log = logging.getLogger("unidiff")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +98,41 @@ def load_workdir(workdir: str, data_dir: str | None = None, flag: str = "workdir
         recipe = recipe_for(cfg)
     except ConfigError as e:
         raise ConfigError(f"{os.path.join(workdir, 'config.json')}: {e}") from None
+    model_config, recipe = as_recorded(os.path.join(workdir, "config.json"), model_config, recipe)
     return TrainedModel(
         workdir=workdir, cfg=cfg, model=um.Model(model_config), recipe=recipe,
         schedule=uc.make_schedule(recipe.schedule, recipe.num_steps),
-        image_size=image_size, channels=info.channels, num_classes=num_classes,
+        image_size=model_config.image_size, channels=model_config.in_channels,
+        num_classes=model_config.num_classes,
         dataset_classes=info.num_classes, data_dir=data_dir,
         latent=cfg.dataset == "latents",
     )
+
+
+def as_recorded(path: str, model_config: um.ModelConfig, recipe: uc.Recipe
+                ) -> tuple[um.ModelConfig, uc.Recipe]:
+    """The model config and recipe that the config.json at ``path`` records its run
+    trained (``"resolved"``, written since runs record it), where this code resolves the
+    run's flags to something else, e.g. a default changed since; a warning names the
+    fields. ``model_config`` and ``recipe`` (built from the flags) otherwise."""
+    record = read_config_json(path, "workdir").get("resolved")
+    if not isinstance(record, dict):
+        return model_config, recipe
+    now = resolved_record(model_config, recipe)
+    out = []
+    for what, built in (("model", model_config), ("recipe", recipe)):
+        diff = resolved_differences(record.get(what, {}), now[what])
+        if diff:
+            try:
+                built = dataclasses.replace(built, **{k: then for k, (then, _) in diff.items()})
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{path}: records a {what} that this version cannot rebuild "
+                                  f"({e})") from None
+            log.warning("%s: this version builds another %s from the run's flags (%s); using "
+                        "the one the run trained", path, what,
+                        ", ".join(f"{k} {b!r} instead of {a!r}" for k, (a, b) in diff.items()))
+        out.append(built)
+    return out[0], out[1]
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
