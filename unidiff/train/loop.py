@@ -489,11 +489,12 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
                 state, metrics = step_fn(state, batch)
                 step += 1
                 window_steps += 1
+                unchecked = True
                 log_now = step % cfg.log_every == 0 or step == run.total_steps
-                save_now = step % cfg.ckpt_every == 0 or step == end or stop.signum is not None
-                unchecked = not (log_now or save_now)
-                if not unchecked:  # nothing is logged or saved past the limit
+                save_due = step % cfg.ckpt_every == 0 or step == end
+                if log_now or save_due:  # nothing is logged or saved past the limit
                     check_nonfinite()
+                    unchecked = False
                 if log_now:
                     m = jax.device_get(metrics)
                     now = time.perf_counter()
@@ -521,11 +522,17 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
                         metrics_file.write(json.dumps(last, sort_keys=True) + "\n")
                         metrics_file.flush()
                     window_start, window_steps = time.perf_counter(), 0
-                if save_now:
+                # Read once: a signal arriving after this is seen at the next step, never
+                # between the save and the exit.
+                signum = stop.signum
+                if save_due or signum is not None:
+                    if unchecked:
+                        check_nonfinite()
+                        unchecked = False
                     if checkpointer.latest_step() != step:
                         checkpointer.save(step, state, data_iter, force=True)
-                if stop.signum is not None:
-                    log.info("signal %d: saved step %d, exiting", stop.signum, step)
+                if signum is not None:
+                    log.info("signal %d: saved step %d, exiting", signum, step)
                     break
         checkpointer.wait()
     finally:
