@@ -330,3 +330,28 @@ def test_cli_batch_not_divisible_by_devices(tmp_path, tiny_args):
     )
     assert proc.returncode == 2
     assert "--batch_size 12 is not divisible by the 8 devices" in proc.stderr
+
+
+MALFORMED_RECORDS = [
+    [],  # not an object
+    {},  # neither part
+    {"model": None, "recipe": None},  # was a TypeError traceback
+    {"model": "N/2", "recipe": "umd"},
+    {"model": {"image_size": 8}, "recipe": {}},  # only keys both sides have were compared
+]
+
+
+@pytest.mark.parametrize("resolved", MALFORMED_RECORDS)
+def test_a_malformed_resolved_record_is_refused_naming_config_json(tmp_path, resolved):
+    """A "resolved" record without the model and the masking (hand-edited, or torn) was
+    taken as one that matches anything: another --model and --m_t resumed the run, or
+    the resume ended in a TypeError. It is refused, naming config.json, whatever the flags."""
+    cfg = _began(tmp_path, True)
+    record = json.loads((tmp_path / "config.json").read_text())
+    record["resolved"] = resolved
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    for flags in (cfg, TrainConfig(workdir=str(tmp_path), **{**BASE, "model": "N/4", "m_t": 0.5})):
+        with pytest.raises(ConfigError) as e:
+            loop.prepare(flags)
+        msg = str(e.value)
+        assert msg.startswith(f'{tmp_path / "config.json"}: its "resolved" record ') and "\n" not in msg, msg

@@ -57,3 +57,14 @@ def test_a_record_this_version_cannot_rebuild_is_named(tmp_path):
     _write(tmp_path, lambda rec: rec["recipe"].update(m_t=1.5))
     with pytest.raises(ConfigError, match=r"config.json: records a recipe that this version cannot rebuild"):
         workdir.load_workdir(str(tmp_path))
+
+
+@pytest.mark.parametrize("resolved", [[], {"model": None, "recipe": None}, {"model": {}, "recipe": {}}])
+def test_a_malformed_record_is_named(tmp_path, resolved):
+    """Was a TypeError traceback, or the flags' model taken as the recorded one."""
+    _write(tmp_path)
+    record = json.loads((tmp_path / "config.json").read_text())
+    record["resolved"] = resolved
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r'config.json: its "resolved" record '):
+        workdir.load_workdir(str(tmp_path))

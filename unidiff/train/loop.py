@@ -136,11 +136,50 @@ def resolved_record(model_config: Any, recipe: uc.Recipe) -> dict[str, Any]:
                                   "recipe": dataclasses.asdict(recipe)}))
 
 
-def _recorded_or_resolved(old: dict[str, Any], info: Any) -> dict[str, Any] | None:
+# What a "resolved" record must hold to be compared at all: the model's shape (every
+# record has had these; listed, not derived from ModelConfig, so that a field added later
+# does not turn old records into malformed ones) and the masking that RECIPE_FLAGS set.
+# A record without them would compare equal to any model or masking (only keys both
+# sides have are compared) and so let every model and masking flag change.
+_RECORD_KEYS = {
+    "model": ("image_size", "patch_size", "in_channels", "width", "depth", "num_heads",
+              "decoder_depth"),
+    "recipe": RECIPE_FLAGS,
+}
+
+
+def recorded(old: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The ``"resolved"`` record of the config.json ``old`` (at ``path``), None if it has
+    none (written before runs recorded it); ConfigError naming the file if it is not a
+    model and a recipe as ``resolved_record`` writes them."""
+    if "resolved" not in old:
+        return None
+    record = old["resolved"]
+    problem = None
+    if not isinstance(record, dict):
+        problem = f"is {type(record).__name__}, not an object"
+    else:
+        for what, keys in _RECORD_KEYS.items():
+            part = record.get(what)
+            if not isinstance(part, dict):
+                problem = f"has no {what!r} object"
+                break
+            missing = [k for k in keys if k not in part]
+            if missing:
+                problem = f"{what!r} lacks {', '.join(missing)}"
+                break
+    if problem:
+        raise ConfigError(f'{path}: its "resolved" record {problem}; restore the file, delete '
+                          '"resolved" from it to go by its flags alone, or use a new --workdir')
+    return record
+
+
+def _recorded_or_resolved(old: dict[str, Any], path: str, info: Any) -> dict[str, Any] | None:
     """``old``'s resolved record; for a config.json written before there was one, its
     flags resolved by this code (None if they no longer resolve)."""
-    if isinstance(old.get("resolved"), dict):
-        return old["resolved"]
+    record = recorded(old, path)
+    if record is not None:
+        return record
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         return resolved_record(*resolve(TrainConfig(**{k: v for k, v in old.items() if k in known}), info))
@@ -165,13 +204,13 @@ def _check_resume(cfg: TrainConfig, info: Any) -> int | None:
     if step is None or not os.path.exists(path):
         return step
     old = read_config_json(path, "workdir")
-    then = _recorded_or_resolved(old, info)
+    then = _recorded_or_resolved(old, path, info)
     if then is None:
         cfg.check_resume_compatible(old, path)
         return step
     now = resolved_record(*resolve(cfg, info))
-    model_diff = resolved_differences(then.get("model", {}), now["model"])
-    recipe_diff = resolved_differences(then.get("recipe", {}), now["recipe"], skip=("label_dropout",))
+    model_diff = resolved_differences(then["model"], now["model"])
+    recipe_diff = resolved_differences(then["recipe"], now["recipe"], skip=("label_dropout",))
     equivalent = (() if model_diff else MODEL_FLAGS) + (() if recipe_diff else RECIPE_FLAGS)
     cfg.check_resume_compatible(old, path, equivalent)  # a changed flag is named first
     for what, diff in (("model", model_diff), ("recipe", recipe_diff)):
@@ -200,8 +239,8 @@ def _changed_flags(cfg: TrainConfig, old: dict[str, Any], now: dict[str, Any]) -
     changed = {k: (old[k], new[k]) for k in sorted(new)
                if k in old and old[k] != new[k] and k not in OPERATIONAL_FLAGS
                and k not in MODEL_FLAGS + RECIPE_FLAGS}  # accepted: only their spelling changed
-    then = old.get("resolved")
-    if isinstance(then, dict) and "label_dropout" in then.get("recipe", {}):
+    then = old.get("resolved")  # checked by _check_resume (recorded)
+    if isinstance(then, dict) and "label_dropout" in then["recipe"]:
         a, b = then["recipe"]["label_dropout"], now["recipe"]["label_dropout"]
         changed.pop("label_dropout", None)
         if a != b:
@@ -439,7 +478,7 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
             log.warning("resuming at step %d with changed flags (%s); the previous config is "
                         "kept as %s", start, ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
                                                        changed.items()), kept)
-        if old and not isinstance(old.get("resolved"), dict):
+        if old and "resolved" not in old:
             log.warning("%s records only flags, not what they resolved to (written by an older "
                         "unidiff): the steps from %d on train with recipe %s", config_path, start,
                         now["recipe"])

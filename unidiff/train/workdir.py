@@ -23,7 +23,8 @@ from unidiff import data as ud
 from unidiff import models as um
 from unidiff.train import checkpoint as ckpt_lib
 from unidiff.train.config import INHERITED, ConfigError, TrainConfig, read_config_json, resolve_arch
-from unidiff.train.loop import model_config_for, recipe_for, resolved_differences, resolved_record
+from unidiff.train.loop import (model_config_for, recipe_for, recorded, resolved_differences,
+                               resolved_record)
 
 log = logging.getLogger("unidiff")
 
@@ -115,13 +116,13 @@ def as_recorded(path: str, model_config: um.ModelConfig, recipe: uc.Recipe
     trained (``"resolved"``, written since runs record it), where this code resolves the
     run's flags to something else, e.g. a default changed since; a warning names the
     fields. ``model_config`` and ``recipe`` (built from the flags) otherwise."""
-    record = read_config_json(path, "workdir").get("resolved")
-    if not isinstance(record, dict):
+    record = recorded(read_config_json(path, "workdir"), path)
+    if record is None:
         return model_config, recipe
     now = resolved_record(model_config, recipe)
     out = []
     for what, built in (("model", model_config), ("recipe", recipe)):
-        diff = resolved_differences(record.get(what, {}), now[what])
+        diff = resolved_differences(record[what], now[what])
         if diff:
             try:
                 built = dataclasses.replace(built, **{k: then for k, (then, _) in diff.items()})
