@@ -355,3 +355,32 @@ def test_a_malformed_resolved_record_is_refused_naming_config_json(tmp_path, res
             loop.prepare(flags)
         msg = str(e.value)
         assert msg.startswith(f'{tmp_path / "config.json"}: its "resolved" record ') and "\n" not in msg, msg
+
+
+def _latents(root, size: int, channels: int, classes: int) -> str:
+    root.mkdir(parents=True)
+    np.save(root / "latents.npy", np.zeros((8, size, size, channels), np.float32))
+    np.save(root / "labels.npy", np.arange(8, dtype=np.int32) % classes)
+    return str(root)
+
+
+@pytest.mark.parametrize("other,field", [((16, 4, 2), "image_size 8 -> 16"),
+                                         ((8, 3, 2), "in_channels 4 -> 3"),
+                                         ((8, 4, 3), "num_classes 2 -> 3")])
+def test_other_data_under_the_same_flags_is_named_as_the_data(tmp_path, other, field):
+    """The same flags with a --data_dir whose latents have another native size (under
+    --image_size=0), channel count or class count build another model. That was refused
+    as 'this version of unidiff resolves them differently. Resume with the version that
+    began the run', a remedy that cannot work: the version is the same, the data is not."""
+    began = _latents(tmp_path / "a", 8, 4, 2)
+    (tmp_path / "w").mkdir()
+    cfg = _began(tmp_path / "w", True, dataset="latents", data_dir=began, image_size=0,
+                 class_conditional=True)
+    loop.prepare(cfg)  # the run's own data: fine
+    moved = _latents(tmp_path / "b", *other)
+    with pytest.raises(ConfigError) as e:
+        loop.prepare(TrainConfig(**{**cfg.to_json(), "data_dir": moved}))
+    msg = str(e.value)
+    assert msg.startswith(f"--data_dir {moved}: its latents data builds another model than the one "), msg
+    assert f"({field}): the run trained on other data (--data_dir {began})" in msg, msg
+    assert "version" not in msg

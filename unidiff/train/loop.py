@@ -213,6 +213,18 @@ def _check_resume(cfg: TrainConfig, info: Any) -> int | None:
     recipe_diff = resolved_differences(then["recipe"], now["recipe"], skip=("label_dropout",))
     equivalent = (() if model_diff else MODEL_FLAGS) + (() if recipe_diff else RECIPE_FLAGS)
     cfg.check_resume_compatible(old, path, equivalent)  # a changed flag is named first
+    # With the flags unchanged, these fields come from the dataset (its channels, classes
+    # and, under --image_size=0, its native size): they differ because --data_dir reads
+    # other data than the run's, not because this version resolves the flags differently.
+    from_data = {k: d for k, d in model_diff.items()
+                 if k in ("in_channels", "num_classes") or (k == "image_size" and not cfg.image_size)}
+    if from_data:
+        raise ConfigError(
+            f"--data_dir {cfg.data_dir}: its {cfg.dataset} data builds another model than the one "
+            f"{path} records ("
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in from_data.items())
+            + f"): the run trained on other data (--data_dir {old.get('data_dir')}). Resume with "
+            "the run's data, or use a new --workdir")
     for what, diff in (("model", model_diff), ("recipe", recipe_diff)):
         if diff:
             raise ConfigError(
