@@ -384,3 +384,16 @@ def test_other_data_under_the_same_flags_is_named_as_the_data(tmp_path, other, f
     assert msg.startswith(f"--data_dir {moved}: its latents data builds another model than the one "), msg
     assert f"({field}): the run trained on other data (--data_dir {began})" in msg, msg
     assert "version" not in msg
+
+
+@pytest.mark.parametrize("bad,needle", [(dict(model=5), "--model: 'N/2' differs from 5"),
+                                        (dict(model=None), "--model: 'N/2' differs from None"),
+                                        (dict(arch=None), "--arch: 'auto' differs from None")])
+def test_an_old_config_json_whose_flags_cannot_be_built_names_the_flag(tmp_path, bad, needle):
+    """A config.json without a resolved record has its flags resolved by this code; one
+    whose values cannot be (hand-edited) ended in an AttributeError or KeyError traceback
+    instead of the flag comparison that names them."""
+    cfg = _began(tmp_path, False)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg.to_json(), **bad}))
+    with pytest.raises(ConfigError, match=needle):
+        loop.prepare(cfg)
