@@ -49,8 +49,8 @@ def test_the_recorded_model_and_recipe_win_over_changed_defaults(tmp_path, caplo
     # The sampler's schedule is the recorded one: linear betas start at 1e-4 (index 0 is t = 0).
     assert float(trained.schedule.betas[1]) == pytest.approx(1e-4, rel=1e-3)
     msg = caplog.text
-    assert "builds another model" in msg and "max_period 10000.0 instead of 1000.0" in msg
-    assert "builds another recipe" in msg and "schedule 'cosine' instead of 'linear'" in msg
+    assert "flags now build another model" in msg and "max_period 10000.0 instead of 1000.0" in msg
+    assert "flags now build another recipe" in msg and "schedule 'cosine' instead of 'linear'" in msg
 
 
 def test_a_record_this_version_cannot_rebuild_is_named(tmp_path):

@@ -129,8 +129,9 @@ def as_recorded(path: str, model_config: um.ModelConfig, recipe: uc.Recipe
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{path}: records a {what} that this version cannot rebuild "
                                   f"({e})") from None
-            log.warning("%s: this version builds another %s from the run's flags (%s); using "
-                        "the one the run trained", path, what,
+            # Either a default changed since the run or --data_dir reads other data.
+            log.warning("%s: the run's flags now build another %s (%s), from this version's "
+                        "defaults or the data read; using the one the run trained", path, what,
                         ", ".join(f"{k} {b!r} instead of {a!r}" for k, (a, b) in diff.items()))
         out.append(built)
     return out[0], out[1]
