@@ -217,6 +217,11 @@ def main(argv):
     result: dict = {}
     if ref_batches is not None:
         ref, _ = run(ref_batches, want_probs=False)
+        if ref.count < 2:  # unreadable images are skipped (the log names them)
+            print(f"fid.py: error: --ref_dataset {FLAGS.ref_dataset} --ref_split {FLAGS.ref_split}: "
+                  f"{ref.count} of its {ref_n} images could be read, at least 2 are needed",
+                  file=sys.stderr)
+            return 2
         ref_mu, ref_sigma = ref.mean, ref.cov
         result["num_ref"] = ref.count
         if FLAGS.save_stats:

@@ -77,6 +77,28 @@ def test_fid_bad_input_names_the_flag_or_file(tmp_path):
     assert "images" in np.load(samples).files  # the samples survived
 
 
+def test_fid_reference_without_two_readable_images_is_one_line(tmp_path):
+    """Unreadable reference images are skipped; with fewer than 2 left there is no
+    covariance, which used to end in a traceback from the statistics after the pass."""
+    from unidiff.eval import inception as inc
+
+    for i in range(3):
+        (tmp_path / "ref" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ref" / "a" / f"x{i}.png").write_bytes(b"not a png")
+    weights = tmp_path / "inception_random.npz"
+    inc.save_inception_params(weights, inc.random_params(seed=0))
+    samples = tmp_path / "s.npz"
+    _samples(samples)
+    stats = tmp_path / "ref_stats.npz"
+    proc = _popen([f"--samples={samples}", "--ref_dataset=folder", f"--ref_data_dir={tmp_path / 'ref'}",
+                   f"--inception_weights={weights}", f"--save_stats={stats}"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, (out, err)
+    assert err.strip().splitlines()[-1] == ("fid.py: error: --ref_dataset folder --ref_split train: "
+                                            "0 of its 3 images could be read, at least 2 are needed"), err
+    assert "Traceback" not in err and not stats.exists()
+
+
 @pytest.mark.slow
 def test_fid_end_to_end_with_random_weights(tmp_path):
     from unidiff.eval import fid as fid_lib
