@@ -194,11 +194,12 @@ def resolved_differences(then: dict[str, Any], now: dict[str, Any], skip: tuple[
     return {k: (then[k], now[k]) for k in sorted(now) if k in then and k not in skip and then[k] != now[k]}
 
 
-def _check_resume(cfg: TrainConfig, info: Any) -> int | None:
+def _check_resume(cfg: TrainConfig, info: Any, now: dict[str, Any]) -> int | None:
     """The step a workdir resumes from (None: a fresh start), after checking that the
-    flags can resume it: the flags that must not change are unchanged, or changed only
-    in spelling (they build the same model and masking), and this code builds from them
-    the model and recipe that the run's config.json records. The label dropout may change
+    flags (``now``: their ``resolved_record``) can resume it: the flags that must not
+    change are unchanged, or changed only in spelling (they build the same model and
+    masking), and this code builds from them the model and recipe that the run's
+    config.json records. The label dropout may change
     (it is logged). Without a checkpoint there is nothing to resume: a config.json left by
     a run that stopped before its first checkpoint is simply replaced."""
     step = ckpt_lib.latest_step(cfg.workdir)
@@ -210,7 +211,6 @@ def _check_resume(cfg: TrainConfig, info: Any) -> int | None:
     if then is None:
         cfg.check_resume_compatible(old, path)
         return step
-    now = resolved_record(*resolve(cfg, info))
     model_diff = resolved_differences(then["model"], now["model"])
     recipe_diff = resolved_differences(then["recipe"], now["recipe"], skip=("label_dropout",))
     equivalent = (() if model_diff else MODEL_FLAGS) + (() if recipe_diff else RECIPE_FLAGS)
@@ -276,7 +276,7 @@ def prepare(cfg: TrainConfig) -> Run:
     model_config, recipe = resolve(cfg, info)
     image_size = model_config.image_size
     num_classes = model_config.num_classes
-    resume_step = _check_resume(cfg, info)
+    resume_step = _check_resume(cfg, info, resolved_record(model_config, recipe))
     num_tokens = (image_size // model_config.patch_size) ** 2
     try:
         recipe.validate_for(num_tokens)
@@ -428,7 +428,8 @@ def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) 
 def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dict:
     cfg = run.cfg
     config_path = os.path.join(cfg.workdir, "config.json")
-    _check_resume(cfg, run.data_info)  # again: the workdir may have changed since prepare
+    resolved = resolved_record(run.model_config, run.recipe)
+    _check_resume(cfg, run.data_info, resolved)  # again: the workdir may have changed since prepare
     metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
 
     mesh = make_mesh(run.num_devices)
@@ -481,8 +482,7 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
         raise TrainingError(str(e)) from None
     if jax.process_index() == 0:
         old = read_config_json(config_path, "workdir") if start and os.path.exists(config_path) else {}
-        now = resolved_record(run.model_config, run.recipe)
-        changed = _changed_flags(cfg, old, now)
+        changed = _changed_flags(cfg, old, resolved)
         if changed:
             # The old flags described the steps so far: keep them next to the new ones
             # (written before config.json is replaced, so a kill loses neither).
@@ -495,9 +495,9 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
         if old and "resolved" not in old:
             log.warning("%s records only flags, not what they resolved to (written by an older "
                         "unidiff): the steps from %d on train with recipe %s", config_path, start,
-                        now["recipe"])
+                        resolved["recipe"])
         # Only now: a restore that fails leaves config.json describing the checkpoints.
-        ckpt_lib.write_json_atomic(config_path, {**cfg.to_json(), "resolved": now})
+        ckpt_lib.write_json_atomic(config_path, {**cfg.to_json(), "resolved": resolved})
         # Records past the checkpoint (all of them on a fresh start: a run killed before
         # its first checkpoint) are re-logged by the steps that follow.
         _truncate_metrics(metrics_path, start)
@@ -542,12 +542,14 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
                 state, metrics = step_fn(state, batch)
                 step += 1
                 window_steps += 1
-                unchecked = True
                 log_now = step % cfg.log_every == 0 or step == run.total_steps
-                save_due = step % cfg.ckpt_every == 0 or step == end
-                if log_now or save_due:  # nothing is logged or saved past the limit
+                # Read once: a signal arriving after this is seen at the next step, never
+                # between the save and the exit.
+                signum = stop.signum
+                save_now = step % cfg.ckpt_every == 0 or step == end or signum is not None
+                unchecked = not (log_now or save_now)
+                if not unchecked:  # nothing is logged or saved past the limit
                     check_nonfinite()
-                    unchecked = False
                 if log_now:
                     m = jax.device_get(metrics)
                     now = time.perf_counter()
@@ -575,13 +577,7 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
                         metrics_file.write(json.dumps(last, sort_keys=True) + "\n")
                         metrics_file.flush()
                     window_start, window_steps = time.perf_counter(), 0
-                # Read once: a signal arriving after this is seen at the next step, never
-                # between the save and the exit.
-                signum = stop.signum
-                if save_due or signum is not None:
-                    if unchecked:
-                        check_nonfinite()
-                        unchecked = False
+                if save_now:
                     if checkpointer.latest_step() != step:
                         checkpointer.save(step, state, data_iter, force=True)
                 if signum is not None:
