@@ -172,6 +172,13 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "TrainConfig":
+        """The TrainConfig of a config.json's dict. Keys it does not know (``"resolved"``,
+        flags of a newer version) are left out; TypeError if a required one is missing."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
     def check_resume_compatible(self, old: dict[str, Any], path: str,
                                 equivalent: Collection[str] = ()) -> None:
         """ConfigError unless these flags can resume the run whose config.json (at

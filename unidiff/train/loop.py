@@ -180,9 +180,8 @@ def _recorded_or_resolved(old: dict[str, Any], path: str, info: Any) -> dict[str
     record = recorded(old, path)
     if record is not None:
         return record
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        return resolved_record(*resolve(TrainConfig(**{k: v for k, v in old.items() if k in known}), info))
+        return resolved_record(*resolve(TrainConfig.from_json(old), info))
     except (ConfigError, TypeError, ValueError, AttributeError, KeyError):
         # A hand-edited value (--model 5, --arch null) fails where the builders first use
         # it; the flags are then compared as written, which names the flag.

@@ -23,8 +23,7 @@ from unidiff import data as ud
 from unidiff import models as um
 from unidiff.train import checkpoint as ckpt_lib
 from unidiff.train.config import INHERITED, ConfigError, TrainConfig, read_config_json, resolve_arch
-from unidiff.train.loop import (model_config_for, recipe_for, recorded, resolved_differences,
-                               resolved_record)
+from unidiff.train.loop import recorded, resolve, resolved_differences, resolved_record
 
 log = logging.getLogger("unidiff")
 
@@ -55,8 +54,8 @@ class TrainedModel:
         return self.recipe.r_t0 == 0.0
 
 
-def read_config(workdir: str, flag: str = "workdir") -> TrainConfig:
-    """``workdir/config.json`` as a TrainConfig; ConfigError naming ``--flag`` or the file."""
+def _config_json(workdir: str, flag: str) -> tuple[str, dict[str, Any]]:
+    """(path, contents) of ``workdir/config.json``; ConfigError naming ``--flag`` or the file."""
     if not workdir:
         raise ConfigError(f"--{flag}: required (a pretrain.py / finetune.py workdir)")
     if not os.path.isdir(workdir):
@@ -65,13 +64,20 @@ def read_config(workdir: str, flag: str = "workdir") -> TrainConfig:
     if not os.path.isfile(path):
         raise ConfigError(f"--{flag} {workdir}: no config.json there; is it a pretrain.py "
                           "or finetune.py workdir?")
-    raw = read_config_json(path, flag)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return path, read_config_json(path, flag)
+
+
+def _train_config(path: str, raw: dict[str, Any]) -> TrainConfig:
     try:
         # Unknown keys may come from a newer version; everything the model needs is known.
-        return TrainConfig(**{k: v for k, v in raw.items() if k in known})
+        return TrainConfig.from_json(raw)
     except TypeError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def read_config(workdir: str, flag: str = "workdir") -> TrainConfig:
+    """``workdir/config.json`` as a TrainConfig; ConfigError naming ``--flag`` or the file."""
+    return _train_config(*_config_json(workdir, flag))
 
 
 def load_workdir(workdir: str, data_dir: str | None = None, flag: str = "workdir") -> TrainedModel:
@@ -80,7 +86,8 @@ def load_workdir(workdir: str, data_dir: str | None = None, flag: str = "workdir
     ``data_dir`` overrides the config's ``data_dir`` (the dataset is read for its channels
     and classes, so it must be reachable from this machine).
     """
-    cfg = read_config(workdir, flag)
+    path, raw = _config_json(workdir, flag)
+    cfg = _train_config(path, raw)
     data_dir = data_dir or cfg.data_dir
     try:
         info = ud.validate_data(cfg.dataset, data_dir, "train")
@@ -89,17 +96,11 @@ def load_workdir(workdir: str, data_dir: str | None = None, flag: str = "workdir
             f"--{flag} {workdir}: cannot read its dataset ({cfg.dataset}) for the model's "
             f"channels and classes: {e}; pass --data_dir"
         ) from None
-    image_size = cfg.image_size or info.image_size
-    if not image_size:
-        raise ConfigError(f"{os.path.join(workdir, 'config.json')}: image_size is 0 and the "
-                          f"dataset {cfg.dataset} has no native size")
-    num_classes = info.num_classes if cfg.class_conditional else 0
-    model_config = model_config_for(cfg, image_size, info.channels, num_classes)
     try:
-        recipe = recipe_for(cfg)
+        model_config, recipe = resolve(cfg, info)  # as the run's prepare did
     except ConfigError as e:
-        raise ConfigError(f"{os.path.join(workdir, 'config.json')}: {e}") from None
-    model_config, recipe = as_recorded(os.path.join(workdir, "config.json"), model_config, recipe)
+        raise ConfigError(f"{path}: {e}") from None
+    model_config, recipe = as_recorded(path, raw, model_config, recipe)
     return TrainedModel(
         workdir=workdir, cfg=cfg, model=um.Model(model_config), recipe=recipe,
         schedule=uc.make_schedule(recipe.schedule, recipe.num_steps),
@@ -110,13 +111,13 @@ def load_workdir(workdir: str, data_dir: str | None = None, flag: str = "workdir
     )
 
 
-def as_recorded(path: str, model_config: um.ModelConfig, recipe: uc.Recipe
+def as_recorded(path: str, raw: dict[str, Any], model_config: um.ModelConfig, recipe: uc.Recipe
                 ) -> tuple[um.ModelConfig, uc.Recipe]:
-    """The model config and recipe that the config.json at ``path`` records its run
+    """The model config and recipe that the config.json ``raw`` (at ``path``) records its run
     trained (``"resolved"``, written since runs record it), where this code resolves the
     run's flags to something else, e.g. a default changed since; a warning names the
     fields. ``model_config`` and ``recipe`` (built from the flags) otherwise."""
-    record = recorded(read_config_json(path, "workdir"), path)
+    record = recorded(raw, path)
     if record is None:
         return model_config, recipe
     now = resolved_record(model_config, recipe)
