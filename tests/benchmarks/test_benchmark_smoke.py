@@ -63,13 +63,15 @@ def test_suite_runs_two_recipes_and_writes_records(tmp_path):
 
 def test_paper_preset_runs_in_bfloat16_with_overrides(tmp_path):
     # The GPU/TPU preset's bfloat16 step, shrunk by flags so it runs here: the preset
-    # supplies the dtype, the flags override model, size, batch and steps.
+    # supplies the dtype, the flags override model, size, batch and steps (accumulated
+    # over two microbatches).
     out = tmp_path / "records.json"
     proc = _run(tmp_path, "--preset=paper", "--recipes=mae", "--model=N/2", "--image_size=8",
-                "--batch_size=4", "--steps=2", "--matmul_size=256", "--nointerleave", f"--json={out}")
+                "--batch_size=4", "--steps=2", "--matmul_size=256", "--nointerleave",
+                "--microbatches=2", f"--json={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rec,) = json.loads(out.read_text())
-    assert rec["compute_dtype"] == "bfloat16"
+    assert rec["compute_dtype"] == "bfloat16" and rec["microbatches"] == 2
     assert (rec["model"], rec["image_size"], rec["batch_size"]) == ("N/2", 8, 4)
     assert len(rec["step_times_s"]) == 2 and math.isfinite(rec["loss"])
     assert rec["timing"] == "sequential"
@@ -110,6 +112,8 @@ def test_mfu_divides_by_the_peak_of_every_device(tmp_path):
     (["--recipes=umd", "--arch=dit", "--model=N/2"], ("--recipes umd with --arch dit", "mask token")),
     (["--recipes=mdt", "--model=P/2"], ("--si_position", "set --si_position")),
     (["--recipes=dit,umd", "--si_position=1"], ("--si_position", "mdt architecture")),
+    (["--recipes=dit", "--batch_size=8", "--microbatches=3"], ("--microbatches 3", "not divisible")),
+    (["--recipes=umd", "--batch_size=8", "--microbatches=8"], ("--microbatches 8", "4 clean")),
 ])
 def test_bad_flag_names_the_flag(tmp_path, args, needles):
     proc = _run(tmp_path, *(a.format(tmp=tmp_path) for a in args), "--steps=1")

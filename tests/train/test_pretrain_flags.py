@@ -33,6 +33,10 @@ CASES = [
     (dict(train_steps=0), "--train_steps"),
     (dict(compute_dtype="float16"), "--compute_dtype"),
     (dict(num_devices=4), "--num_devices"),
+    (dict(microbatches=0), "--microbatches: must be >= 1"),
+    (dict(microbatches=3), "--microbatches 3: batch_size=8 is not divisible by 1 devices x 3"),
+    # umd's 4 clean rows of 8 cannot be split over 8 chunks of one row each.
+    (dict(microbatches=8), "--microbatches 8: the 4 clean (t = 0) rows"),
     (dict(batch_size=0), "--batch_size"),
     (dict(ema_decay=1.0), "--ema_decay"),
     # NaN passes a plain `x < 0` check; inf would only fail deep inside the run.

@@ -284,3 +284,49 @@ def test_ema_setting_must_agree_with_the_state(use_ema, decay):
     batch = {"image": np.zeros((4, 8, 8, 3), np.float32), "label": np.zeros(4, np.int32)}
     with pytest.raises(ValueError, match="ema_decay.*EMA parameters"):
         step(state, shard_batch(batch, mesh, 4))
+
+
+def test_microbatched_step_updates_like_the_whole_batch():
+    """``microbatches`` = 4 accumulates the gradient over four sequential chunks of 4
+    rows: with class labels, label dropout (p = 0.5, so the chunks' own clean-row
+    counts matter) and EMA, one AdamW step gives the loss, gradient norm, parameters,
+    moments and EMA of the step over all 16 rows at once. The umd recipe's 8 clean rows
+    split 2 per chunk, as they would over 4 devices."""
+    cfg = um.umd_config("P/2", image_size=8, in_channels=3, num_classes=3)
+    model, batch_size = um.Model(cfg), 16
+    recipe = uc.recipes.umd(label_dropout=0.5)
+    optimizer = make_optimizer(OptimConfig(base_lr=1e-2, batch_size=batch_size, total_steps=10,
+                                           warmup_steps=0))
+    mesh = make_mesh(1)
+    rng = np.random.default_rng(3)
+    batch = {"image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32),
+             "label": rng.integers(0, 3, batch_size).astype(np.int32)}
+    params0 = jax.device_get(model.init(jax.random.key(0)))
+    out = {}
+    for m in (1, 4):
+        state = replicate(init_state(jax.tree.map(jnp.asarray, params0), optimizer,
+                                     jax.random.key(1), use_ema=True), mesh)
+        step = make_train_step(model, recipe, optimizer, mesh, batch_size,
+                               StepConfig(patch_size=2, num_classes=3, ema_decay=0.9, microbatches=m))
+        state, metrics = step(state, shard_batch(batch, mesh, batch_size))
+        out[m] = jax.device_get((state, metrics))
+    (s1, m1), (s4, m4) = out[1], out[4]
+    assert sorted(m1) == sorted(m4)
+    for k in m1:
+        np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert not _tree_equal(s1.params, params0)
+    for field in ("params", "opt_state", "ema_params"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     getattr(s4, field), getattr(s1, field))
+
+
+@pytest.mark.parametrize("microbatches,match", [
+    (3, "not divisible by 1 devices x 3 microbatches"), (0, "microbatches must be an int >= 1"),
+    (2.0, "microbatches must be an int >= 1"),
+])
+def test_microbatches_must_split_the_batch_evenly(microbatches, match):
+    model = um.Model(um.umd_config("P/2", image_size=8, in_channels=3))
+    optimizer = make_optimizer(OptimConfig(batch_size=4, total_steps=1, warmup_steps=0))
+    with pytest.raises(ValueError, match=match):
+        make_train_step(model, uc.recipes.umd(), optimizer, make_mesh(1), 4,
+                        StepConfig(patch_size=2, num_classes=0, microbatches=microbatches))

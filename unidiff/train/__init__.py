@@ -5,6 +5,7 @@ from unidiff.train.optim import OptimConfig, decay_mask, lr_schedule, make_optim
 from unidiff.train.state import TrainState, init_state
 from unidiff.train.step import (
     StepConfig,
+    check_microbatches,
     device_layout,
     make_mesh,
     make_train_step,
@@ -14,6 +15,6 @@ from unidiff.train.step import (
 
 __all__ = [
     "ConfigError", "TrainConfig", "OptimConfig", "decay_mask", "lr_schedule",
-    "make_optimizer", "TrainState", "init_state", "StepConfig", "device_layout",
+    "make_optimizer", "TrainState", "init_state", "StepConfig", "check_microbatches", "device_layout",
     "make_mesh", "make_train_step", "replicate", "shard_batch",
 ]

@@ -53,6 +53,9 @@ HELP = {
                    "(negative counts from the end; --arch mdt only); unset = -2, before the last two.",
     "max_nonfinite": "Stop after this many consecutive steps with a non-finite loss or gradient norm.",
     "num_devices": "Devices on the data mesh; 0 = all.",
+    "microbatches": "Accumulate each step's gradient over this many sequential chunks of every "
+                    "device's rows (same update, a chunk's activations in memory at a time; on CPU "
+                    "chunks of 4-8 rows are also faster). Must divide batch_size / devices.",
     "init_from": "A pretraining workdir to initialise from (finetune).",
     "stop_after": "Run at most this many steps in this process, save and exit 0 (e.g. to fit a "
                   "scheduler's time slice); rerun with the same flags to continue. 0 = to the end.",

@@ -81,6 +81,7 @@ class TrainConfig:
     si_position: int | None = None  # --arch mdt only; None = MDT's -2
     max_nonfinite: int = 10
     num_devices: int = 0  # 0 = all devices
+    microbatches: int = 1  # gradient accumulation: sequential chunks of each device's rows
     init_from: str | None = None  # finetune: a pretraining workdir
     stop_after: int = 0  # run at most this many steps in this process, then checkpoint
 
@@ -159,6 +160,8 @@ class TrainConfig:
                  f"but --arch resolves to {self.resolved_arch()!r} for --recipe {self.recipe}")
         if self.num_devices < 0:
             fail("num_devices", f"must be >= 0 (0 = all), got {self.num_devices}")
+        if self.microbatches < 1:
+            fail("microbatches", f"must be >= 1 (1 = the whole batch at once), got {self.microbatches}")
 
     # Changing these under an existing workdir would silently corrupt a resumed run.
     RESUME_KEYS = ("recipe", "arch", "model", "dataset", "image_size", "batch_size",

@@ -32,7 +32,8 @@ from unidiff.train.config import ConfigError, TrainConfig, read_config_json
 from unidiff.train.optim import OptimConfig, lr_schedule, make_optimizer
 from unidiff.train.state import TrainState, init_state
 from unidiff.train.step import (
-    StepConfig, check_model_fits_recipe, make_mesh, make_train_step, replicate, shard_batch,
+    StepConfig, check_microbatches, check_model_fits_recipe, make_mesh, make_train_step, replicate,
+    shard_batch,
 )
 
 log = logging.getLogger("unidiff")
@@ -240,7 +241,7 @@ def _check_resume(cfg: TrainConfig, info: Any, now: dict[str, Any]) -> int | Non
 # Flags that say how a run is executed, not what it trains: changing them on resume is
 # not worth a record.
 OPERATIONAL_FLAGS = ("workdir", "data_dir", "log_every", "ckpt_every", "keep_checkpoints",
-                     "num_workers", "num_devices", "stop_after", "max_nonfinite")
+                     "num_workers", "num_devices", "microbatches", "stop_after", "max_nonfinite")
 
 
 def _changed_flags(cfg: TrainConfig, old: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -301,6 +302,10 @@ def prepare(cfg: TrainConfig) -> Run:
         uc.split_batch(cfg.batch_size, recipe.r_t0, num_devices)
     except ValueError as e:
         raise ConfigError(f"--batch_size: {e}") from None
+    try:
+        check_microbatches(cfg.batch_size, recipe.r_t0, num_devices, cfg.microbatches)
+    except ValueError as e:
+        raise ConfigError(f"--microbatches {cfg.microbatches}: {e}") from None
     if cfg.init_from and not os.path.isdir(ckpt_lib.checkpoint_dir(cfg.init_from)):
         raise ConfigError(f"--init_from {cfg.init_from}: no checkpoints/ directory there")
     if cfg.init_from and ckpt_lib.latest_step(cfg.init_from) is None:
@@ -442,7 +447,8 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
     step_fn = make_train_step(
         model, run.recipe, optimizer, mesh, cfg.batch_size,
         StepConfig(patch_size=run.model_config.patch_size, num_classes=run.num_classes,
-                   ema_decay=cfg.ema_decay, compute_dtype=cfg.compute_dtype),
+                   ema_decay=cfg.ema_decay, compute_dtype=cfg.compute_dtype,
+                   microbatches=cfg.microbatches),
         lr_fn=lr_fn,
     )
 
