@@ -47,7 +47,7 @@ batch is that times the device count, while ``--batch_size`` gives the global ba
 
 ``--microbatches=M`` times the step that accumulates the gradient over M sequential
 chunks of each device's rows (pretrain.py's flag of that name): the same update and FLOPs.
-On this project's 2-core CPU, exact DiT-S/4 at batch 32 ran 10-16% faster with M = 4 or 8
+On this project's 2-core CPU, exact DiT-S/4 at batch 32 ran 7-15% faster with M = 4 or 8
 (chunks of 8 or 4 rows, whose activations stay in the 32 MiB L3 cache) than with M = 1.
 
 Example::

@@ -511,9 +511,10 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
     stop = _Stop()
     stop.install()
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
-    log.info("model %s (%s arch, %.2fM params), recipe %s, %d devices, batch %d, %d steps",
+    log.info("model %s (%s arch, %.2fM params), recipe %s, %d devices, batch %d%s, %d steps",
              cfg.model, cfg.resolved_arch(), n_params / 1e6, cfg.recipe, run.num_devices,
-             cfg.batch_size, run.total_steps)
+             cfg.batch_size, f" in {cfg.microbatches} microbatches" if cfg.microbatches > 1 else "",
+             run.total_steps)
 
     last: dict = {}
     window_start, window_steps = time.perf_counter(), 0
