@@ -36,3 +36,24 @@ from unidiff.runtime import tune_host_allocator  # noqa: E402
 
 # As the binaries do, before jax starts its thread pools (unidiff/runtime.py).
 tune_host_allocator()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def step_configs(monkeypatch):
+    """``spy(module)`` replaces ``module.make_train_step`` by a wrapper that records the
+    StepConfig of every call (then builds the real step) and returns that list: for
+    checking that a flag reaches the step when no number would show it missing."""
+    def spy(module):
+        seen, real = [], module.make_train_step
+
+        def wrapper(model, recipe, optimizer, mesh, batch_size, cfg, **kw):
+            seen.append(cfg)
+            return real(model, recipe, optimizer, mesh, batch_size, cfg, **kw)
+
+        monkeypatch.setattr(module, "make_train_step", wrapper)
+        return seen
+
+    return spy

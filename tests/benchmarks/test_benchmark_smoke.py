@@ -238,20 +238,13 @@ def test_fill_init_cache_equals_separate_inits(bench):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_microbatches_reach_the_train_step(bench, monkeypatch):
+def test_microbatches_reach_the_train_step(bench, step_configs):
     """The benchmark times the step it was asked for: its --microbatches reaches the
     StepConfig (the update is the same either way, so no number would show otherwise)."""
     import unidiff.train.step as step_lib
 
-    seen = []
-    real = step_lib.make_train_step
-
-    def spy(model, recipe, optimizer, mesh, batch_size, cfg, **kw):
-        seen.append(cfg.microbatches)
-        return real(model, recipe, optimizer, mesh, batch_size, cfg, **kw)
-
-    monkeypatch.setattr(step_lib, "make_train_step", spy)
+    seen = step_configs(step_lib)  # prepare_recipe imports make_train_step when called
     opts = bench.Options(recipes=("dit",), model="P/2", image_size=8, batch_size=4, steps=1,
                          microbatches=2)
     prepared = bench.prepare_recipe(opts, "dit", None)
-    assert seen == [2] and prepared.record["microbatches"] == 2
+    assert [c.microbatches for c in seen] == [2] and prepared.record["microbatches"] == 2

@@ -403,18 +403,11 @@ def test_an_old_config_json_whose_flags_cannot_be_built_names_the_flag(tmp_path,
         loop.prepare(cfg)
 
 
-def test_microbatches_reach_the_train_step(tmp_path, monkeypatch):
+def test_microbatches_reach_the_train_step(tmp_path, step_configs):
     """--microbatches gives the same update as the whole batch, so no loss could show
     that the loop dropped it; the StepConfig the loop builds must carry it."""
-    seen = []
-    real = loop.make_train_step
-
-    def spy(model, recipe, optimizer, mesh, batch_size, cfg, **kw):
-        seen.append(cfg.microbatches)
-        return real(model, recipe, optimizer, mesh, batch_size, cfg, **kw)
-
-    monkeypatch.setattr(loop, "make_train_step", spy)
+    seen = step_configs(loop)
     run = loop.prepare(TrainConfig(workdir=str(tmp_path / "w"), microbatches=4,
                                    **{**BASE, "model": "P/2", "train_steps": 1}))
     loop.train(run)
-    assert seen == [4]
+    assert [c.microbatches for c in seen] == [4]
