@@ -238,18 +238,18 @@ def make_train_step(
 
         def body(total, chunk):
             (_, metrics), grads = grad_fn(params, *chunk)
-            return jax.tree.map(jnp.add, total, (grads, metrics)), None
+            return jax.tree.map(jnp.add, total, grads), metrics
 
-        first = jax.tree.map(lambda a: a[0], chunks)
-        shapes = jax.eval_shape(lambda: grad_fn(params, *first))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
+        # The gradients have the parameters' shapes and dtypes (float32); the metrics are
+        # stacked as the scan's outputs, so no extra trace is needed for their structure.
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params)
         if num_devices > 1:
             # The carry must vary over the data axis like the per-device sums it holds.
             zeros = jax.lax.pcast(zeros, DATA_AXIS, to="varying")
-        total, _ = jax.lax.scan(body, zeros, chunks)
+        total, metrics = jax.lax.scan(body, zeros, chunks)
         # Equal chunks with equal clean/noisy splits and masked-token counts: the mean of
         # the chunks' means is the mean over the device's rows (as across devices below).
-        return jax.tree.map(lambda a: a / m, total)
+        return jax.tree.map(lambda g: g / m, total), jax.tree.map(lambda x: x.mean(0), metrics)
 
     sharded_grads = jax.shard_map(
         local_grads,
