@@ -305,25 +305,66 @@ def _initial_params(model, key, cache: dict | None):
     return jax.tree.map(jnp.asarray, cache[entry])
 
 
-def fill_init_cache(configs, key, cache: dict) -> None:
-    """Fill ``cache`` (see ``_initial_params``) for every config in one jitted call.
+@dataclasses.dataclass
+class InitProgram:
+    """The suite's parameter initialisation, traced and lowered, not yet compiled: one
+    jitted program running ``model.init`` for every architecture not already cached.
 
-    One program initialising all the suite's architectures compiles in less time than
-    one per architecture (dit/mae/mdt at the cpu preset: 8.9 s against 3 x 4.6-5.2 s),
-    because XLA reuses the kernels of the shapes they share. Each ``model.init`` runs
-    unchanged inside it, so the values are those of separate calls (bitwise: tested).
+    One program for all the suite's architectures compiles in less time than one per
+    architecture (dit/mae/mdt at the cpu preset: 8.9 s against 3 x 4.6-5.2 s), because
+    XLA reuses the kernels of the shapes they share. Each ``model.init`` runs unchanged
+    inside it, so the values are those of separate calls (bitwise: tested).
     """
+
+    configs: list
+    key: Any
+    lowered: Any
+
+    def shapes(self) -> dict:
+        """Each config's parameter shapes (``jax.ShapeDtypeStruct`` trees), known from
+        the lowering, before anything is compiled or run."""
+        return dict(zip(self.configs, self.lowered.out_info))
+
+    def run(self, cache: dict) -> None:
+        """Compile and run the program; put each config's parameters, on the host, in
+        ``cache`` (see ``_initial_params``)."""
+        import jax
+
+        params = jax.device_get(self.lowered.compile()(self.key))
+        for c, p in zip(self.configs, params):
+            cache[_cache_entry(c, self.key)] = p
+
+
+def lower_init(configs, key, cache: dict) -> InitProgram | None:
+    """The ``InitProgram`` of the configs missing from ``cache``; None if none is."""
     import jax
 
     from unidiff import models as um
 
     todo = [c for c in dict.fromkeys(configs) if _cache_entry(c, key) not in cache]
     if not todo:
-        return
+        return None
     models = [um.Model(c) for c in todo]
-    params = jax.device_get(jax.jit(lambda k: tuple(m.init(k) for m in models))(key))
-    for c, p in zip(todo, params):
-        cache[_cache_entry(c, key)] = p
+    return InitProgram(todo, key, jax.jit(lambda k: tuple(m.init(k) for m in models)).lower(key))
+
+
+def fill_init_cache(configs, key, cache: dict) -> None:
+    """Fill ``cache`` (see ``_initial_params``) for every config in one jitted call."""
+    program = lower_init(configs, key, cache)
+    if program is not None:
+        program.run(cache)
+
+
+def _param_shapes(config, key, cache: dict | None):
+    """The parameter shapes of ``config`` from its cached values, or by tracing its init."""
+    import jax
+
+    from unidiff import models as um
+
+    entry = None if cache is None else cache.get(_cache_entry(config, key))
+    if entry is None:
+        return jax.eval_shape(um.Model(config).init, key)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), entry)
 
 
 def _init_key(opts: Options):
@@ -372,21 +413,39 @@ class PreparedRecipe:
         return rec
 
 
-def prepare_recipe(opts: Options, recipe_name: str, init_cache: dict | None = None) -> PreparedRecipe:
-    """Build and compile the real train step of one recipe on a synthetic batch.
+@dataclasses.dataclass
+class LoweredRecipe:
+    """One recipe's train step traced and lowered for its state's shapes (no state is
+    built yet), with its synthetic batch: what XLA compiles next."""
 
-    ``init_cache`` (a dict, filled here) shares initial parameters between recipes with
-    the same architecture; ``None`` initialises afresh.
+    name: str
+    record: dict[str, Any]  # everything known before compiling
+    lowered: Any
+    model: Any
+    optimizer: Any
+    mesh: Any
+    batch: Any
+    keys: tuple  # (parameter key, state key)
+
+
+def lower_recipe(opts: Options, recipe_name: str, param_shapes=None) -> LoweredRecipe:
+    """Build the real train step of one recipe and lower it on a synthetic batch.
+
+    The step is lowered for the state's shapes and shardings (``param_shapes``: the
+    parameters' ``jax.ShapeDtypeStruct`` tree; traced from ``model.init`` if None), so it
+    needs no initialised parameters; the compiled step is then called on the real state.
     """
     import jax
     import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from unidiff import corruption as uc
     from unidiff import flops as uflops
     from unidiff import models as um
     from unidiff.train.optim import OptimConfig, make_optimizer
     from unidiff.train.state import init_state
-    from unidiff.train.step import StepConfig, make_mesh, make_train_step, replicate, shard_batch
+    from unidiff.train.step import StepConfig, make_mesh, make_train_step, shard_batch
 
     arch, mcfg = model_config(opts, recipe_name)
     recipe = uc.recipes.get(recipe_name)
@@ -400,8 +459,13 @@ def prepare_recipe(opts: Options, recipe_name: str, init_cache: dict | None = No
     k_init, k_state = _init_key(opts)
     optim_cfg = OptimConfig(batch_size=opts.batch_size, total_steps=10_000, warmup_steps=10)
     optimizer = make_optimizer(optim_cfg)
-    params = _initial_params(model, k_init, init_cache)
-    state = replicate(init_state(params, optimizer, k_state, use_ema=False), mesh)
+    if param_shapes is None:
+        param_shapes = _param_shapes(mcfg, k_init, None)
+    # The state as ``prepare_state`` builds it: replicated on every device (step.replicate).
+    replicated = NamedSharding(mesh, P())
+    state_shapes = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated, weak_type=s.weak_type),
+        jax.eval_shape(lambda p: init_state(p, optimizer, k_state, use_ema=False), param_shapes))
     step_cfg = StepConfig(patch_size=mcfg.patch_size, num_classes=opts.num_classes,
                           compute_dtype=opts.compute_dtype, microbatches=opts.microbatches)
     train_step = make_train_step(model, recipe, optimizer, mesh, opts.batch_size, step_cfg)
@@ -415,14 +479,8 @@ def prepare_recipe(opts: Options, recipe_name: str, init_cache: dict | None = No
     )
 
     t0 = time.perf_counter()
-    compiled = train_step.lower(state, batch).compile()
-    compile_time = time.perf_counter() - t0
-    temp_bytes = None
-    try:
-        mem = compiled.memory_analysis()
-        temp_bytes = None if mem is None else int(mem.temp_size_in_bytes)
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        pass
+    lowered = train_step.lower(state_shapes, batch)
+    lower_time = time.perf_counter() - t0
 
     fl = uflops.train_step_flops(mcfg, recipe, opts.batch_size, num_devices)
     record = {
@@ -434,18 +492,101 @@ def prepare_recipe(opts: Options, recipe_name: str, init_cache: dict | None = No
         "microbatches": opts.microbatches,
         "compute_dtype": opts.compute_dtype,
         "num_devices": num_devices,
-        "compile_time_s": compile_time,
+        "lower_time_s": lower_time,
         "flops_per_step": fl["total"],
         "mfu": None,  # filled in once the peak is known
         "branches": {k: {"rows": v["rows"], "encoder_tokens": v["encoder_tokens"],
                          "decoder_tokens": v["decoder_tokens"]} for k, v in fl["branches"].items()},
-        "xla_temp_bytes": temp_bytes,
+    }
+    return LoweredRecipe(recipe_name, record, lowered, model, optimizer, mesh, batch, (k_init, k_state))
+
+
+def compile_recipe(low: LoweredRecipe) -> tuple[Any, float]:
+    """XLA's compilation of a lowered step: (the executable, seconds)."""
+    t0 = time.perf_counter()
+    compiled = low.lowered.compile()
+    return compiled, time.perf_counter() - t0
+
+
+def finish_recipe(low: LoweredRecipe, compiled, compile_s: float, init_cache: dict | None) -> PreparedRecipe:
+    """The compiled step with its state (initial parameters from ``init_cache``) and
+    the record completed with the compile time and XLA's analyses of the executable."""
+    from unidiff.train.state import init_state
+    from unidiff.train.step import replicate
+
+    temp_bytes = None
+    try:
+        mem = compiled.memory_analysis()
+        temp_bytes = None if mem is None else int(mem.temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        pass
+    num_devices = low.record["num_devices"]
+    record = dict(low.record)
+    record.update(
+        # Tracing and lowering plus XLA's compilation: the time to build the step.
+        compile_time_s=low.record["lower_time_s"] + compile_s,
+        xla_compile_time_s=compile_s,
+        xla_temp_bytes=temp_bytes,
         # XLA's own count for the compiled step (dots and elementwise ops, all devices):
         # close to flops_per_step means no work the FLOP model leaves out, e.g. on
         # hidden tokens or recomputation.
-        "xla_flops_per_step": _xla_flops(compiled, num_devices),
-    }
-    return PreparedRecipe(recipe_name, record, compiled, state, batch)
+        xla_flops_per_step=_xla_flops(compiled, num_devices),
+    )
+    k_init, k_state = low.keys
+    params = _initial_params(low.model, k_init, init_cache)
+    state = replicate(init_state(params, low.optimizer, k_state, use_ema=False), low.mesh)
+    return PreparedRecipe(low.name, record, compiled, state, low.batch)
+
+
+def prepare_recipe(opts: Options, recipe_name: str, init_cache: dict | None = None) -> PreparedRecipe:
+    """Build and compile the real train step of one recipe on a synthetic batch.
+
+    ``init_cache`` (a dict, filled here) shares initial parameters between recipes with
+    the same architecture; ``None`` initialises afresh.
+    """
+    _, mcfg = model_config(opts, recipe_name)
+    low = lower_recipe(opts, recipe_name, _param_shapes(mcfg, _init_key(opts)[0], init_cache))
+    return finish_recipe(low, *compile_recipe(low), init_cache)
+
+
+def prepare_recipes(opts: Options, init_cache: dict, log=print) -> list[PreparedRecipe]:
+    """Every recipe of ``opts`` compiled, with its state, as ``prepare_recipe`` builds it.
+
+    Tracing and lowering run in Python and hold the GIL; XLA's compilation releases it.
+    So one worker thread compiles (the parameter initialisation first, then each step in
+    turn) while this thread traces and lowers the next recipe. One compilation at a time:
+    XLA already keeps about 1.3 of 2 CPU cores busy on its own, and two at once took as
+    long as one after the other (benchmarks/README.md, "Compilation"). Each recipe's
+    ``lower_time_s`` and ``xla_compile_time_s`` are timed on their own threads, and
+    ``compile_time_s`` is their sum, as in ``prepare_recipe``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    k_init = _init_key(opts)[0]
+    configs = {name: model_config(opts, name)[1] for name in opts.recipes}
+    program = lower_init(list(configs.values()), k_init, init_cache)
+    shapes = {} if program is None else program.shapes()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="xla-compile")
+    try:
+        initialised = None if program is None else pool.submit(program.run, init_cache)
+        pending = []
+        for name in opts.recipes:
+            cfg = configs[name]
+            param_shapes = shapes[cfg] if cfg in shapes else _param_shapes(cfg, k_init, init_cache)
+            low = lower_recipe(opts, name, param_shapes)
+            pending.append((low, pool.submit(compile_recipe, low)))
+        if initialised is not None:
+            initialised.result()
+        prepared = []
+        for low, compiling in pending:
+            prepared.append(finish_recipe(low, *compiling.result(), init_cache))
+            rec = prepared[-1].record
+            log(f"  {low.name}: compiled in {rec['compile_time_s']:.1f} s "
+                f"(lowering {rec['lower_time_s']:.1f} s, XLA {rec['xla_compile_time_s']:.1f} s)")
+        return prepared
+    finally:
+        # On an error, compilations not yet started are dropped; the running one ends.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def time_recipes(
@@ -540,18 +681,15 @@ def run_suite(opts: Options, log=print) -> list[dict[str, Any]]:
         log(f"  {rec['recipe']}: compile {rec['compile_time_s']:.1f} s, step {rec['step_time_s']:.3f} s, "
             f"{rec['images_per_s']:.2f} img/s, loss {rec['loss']:.4f}{xla_note}")
 
-    fill_init_cache([model_config(opts, name)[1] for name in opts.recipes], _init_key(opts)[0], init_cache)
     if opts.interleave:
-        prepared = []
-        for name in opts.recipes:
-            prepared.append(prepare_recipe(opts, name, init_cache))
-            log(f"  {name}: compiled in {prepared[-1].record['compile_time_s']:.1f} s")
+        prepared = prepare_recipes(opts, init_cache, log)
         log(f"timing {opts.steps} steps of each recipe in turns")
         probe_times = time_recipes(prepared, opts.steps, opts.warmup_steps, interleave=True, probe=probe)
         records = [p.finish() for p in prepared]
         for rec in records:
             log_record(rec)
     else:
+        fill_init_cache([model_config(opts, name)[1] for name in opts.recipes], _init_key(opts)[0], init_cache)
         for name in opts.recipes:
             record, times = bench_recipe(opts, name, init_cache, probe)
             records.append(record)

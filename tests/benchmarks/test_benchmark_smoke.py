@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,99 @@ def test_microbatches_reach_the_train_step(bench, step_configs):
                          microbatches=2)
     prepared = bench.prepare_recipe(opts, "dit", None)
     assert [c.microbatches for c in seen] == [2] and prepared.record["microbatches"] == 2
+
+
+def _tiny_opts(bench, recipes=("dit", "mae")):
+    # dit and mae train different architectures (umd, umd_no_adaln): two initialisations.
+    return bench.Options(recipes=recipes, model="P/2", image_size=8, batch_size=4, steps=1,
+                         warmup_steps=0)
+
+
+def test_prepare_recipes_equals_preparing_one_at_a_time(bench):
+    """The pipelined preparation (steps lowered for the state's shapes while earlier ones
+    compile, parameters initialised in the same worker) builds what ``prepare_recipe``
+    builds one recipe at a time: the same initial state, bitwise, and the same step, whose
+    first update gives the same loss and parameters."""
+    import jax
+    import numpy as np
+
+    opts = _tiny_opts(bench)
+    logged = []
+    piped = bench.prepare_recipes(opts, {}, log=logged.append)
+    assert [p.name for p in piped] == ["dit", "mae"] and len(logged) == 2
+    cache: dict = {}
+    bench.fill_init_cache([bench.model_config(opts, n)[1] for n in opts.recipes],
+                          bench._init_key(opts)[0], cache)
+    alone = [bench.prepare_recipe(opts, n, cache) for n in opts.recipes]
+
+    def leaves(tree):
+        return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+    for p, q in zip(piped, alone):
+        assert jax.tree.structure(p.state) == jax.tree.structure(q.state)
+        for a, b in zip(leaves(p.state), leaves(q.state)):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+        rec = p.record
+        assert rec["compile_time_s"] == pytest.approx(rec["lower_time_s"] + rec["xla_compile_time_s"])
+        same = {k: v for k, v in rec.items() if not k.endswith("time_s")}
+        assert same == {k: v for k, v in q.record.items() if not k.endswith("time_s")}
+        p.step(), q.step()
+        assert float(p.metrics["loss"]) == float(q.metrics["loss"])
+        for a, b in zip(leaves(p.state.params), leaves(q.state.params)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_init_program_shapes_are_the_parameters(bench):
+    """The shapes the steps are lowered for, read from the init program before it runs,
+    are those of the parameters it then computes."""
+    import jax
+
+    opts = _tiny_opts(bench)
+    configs = [bench.model_config(opts, n)[1] for n in opts.recipes]
+    key = bench._init_key(opts)[0]
+    cache: dict = {}
+    program = bench.lower_init(configs, key, cache)
+    shapes = program.shapes()
+    assert list(shapes) == configs and not cache  # lowered, nothing computed yet
+    program.run(cache)
+    assert bench.lower_init(configs, key, cache) is None  # all cached: nothing to lower
+    for cfg in configs:
+        got = cache[bench._cache_entry(cfg, key)]
+        want = jax.tree.map(lambda s: (s.shape, s.dtype), shapes[cfg])
+        assert jax.tree.map(lambda a: (a.shape, a.dtype), got) == want
+
+
+def test_prepare_recipes_passes_on_a_failure_and_stops_compiling(bench, monkeypatch):
+    """An error while a later recipe is lowered reaches the caller as it is, after the
+    compilation already running has ended (no thread is left compiling behind it), and
+    the compilations still queued (umd's, lowered before the error) are dropped."""
+    import threading
+
+    started, failing = threading.Event(), threading.Event()
+    begun, ended = [], []
+    real_compile, real_lower = bench.compile_recipe, bench.lower_recipe
+
+    def compile_recipe(low):
+        begun.append(low.name)
+        started.set()
+        failing.wait(timeout=60)
+        time.sleep(0.5)  # still compiling when the error is raised
+        out = real_compile(low)
+        ended.append(low.name)
+        return out
+
+    def lower_recipe(opts, name, param_shapes=None):
+        if name == "mae":
+            started.wait(timeout=60)  # dit's compilation is under way
+            failing.set()
+            raise RuntimeError("lowering mae failed")
+        return real_lower(opts, name, param_shapes)
+
+    monkeypatch.setattr(bench, "compile_recipe", compile_recipe)
+    monkeypatch.setattr(bench, "lower_recipe", lower_recipe)
+    opts = _tiny_opts(bench, ("dit", "umd", "mae"))
+    with pytest.raises(RuntimeError, match="lowering mae failed"):
+        bench.prepare_recipes(opts, {}, log=lambda s: None)
+    assert begun == ended == ["dit"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("xla-compile")]
