@@ -5,7 +5,10 @@ architecture mapping, ``unidiff.train.loop.model_config_for``; the same optimize
 jitted, sharded ``unidiff.train.step.make_train_step``), compiles it ahead of time on a
 synthetic batch, and measures:
 
-  * compile time (lower + compile of the train step);
+  * compile time: tracing and lowering plus XLA's compilation of the train step (also
+    recorded apart, ``lower_time_s`` and ``xla_compile_time_s``). Interleaved, the
+    next recipe is lowered while the previous one compiles (``prepare_recipes``), so
+    these are times under that overlap;
   * steady-state step time: the median over ``--steps`` steps after ``--warmup_steps``
     warm-up steps, each step timed on its own and blocked on (new state, metrics). By
     default every recipe is compiled first and the steps are then taken in turns (dit,
@@ -37,9 +40,10 @@ run) next to the FLOP model's prediction of that ratio.
 
 Presets (individual flags override them; a preset's batch is per device, so the global
 batch is that times the device count, while ``--batch_size`` gives the global batch):
-  * ``cpu``: S/4 at 64x64, batch 4, float32, 10 timed steps after 1 warm-up step: 2.4
-    to 2.5 minutes for the five recipes on 2 CPU cores, 51-54 s of it compiling five
-    16-block models; about 6 GiB of memory, with all five states held for the interleaved steps.
+  * ``cpu``: S/4 at 64x64, batch 4, float32, 10 timed steps after 1 warm-up step: 2 min
+    17 s to 2 min 24 s for the five recipes on 2 CPU cores (six runs on 2026-12-07),
+    about 1 minute of it compiling five 16-block models; about 6 GiB of memory, with all
+    five states held for the interleaved steps.
     64x64 keeps the paper's 256 tokens, so the recipes' token ratios (and the FLOP
     model's predictions) are those of the paper's B/4 at 64x64. Batch 4 gives the same
     MFU and step-time ratios as batch 8 (measured) in half the stepping time.
