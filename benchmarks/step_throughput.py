@@ -465,7 +465,7 @@ def lower_recipe(opts: Options, recipe_name: str, param_shapes=None) -> LoweredR
     optimizer = make_optimizer(optim_cfg)
     if param_shapes is None:
         param_shapes = _param_shapes(mcfg, k_init, None)
-    # The state as ``prepare_state`` builds it: replicated on every device (step.replicate).
+    # The state as ``finish_recipe`` builds it: replicated on every device (step.replicate).
     replicated = NamedSharding(mesh, P())
     state_shapes = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated, weak_type=s.weak_type),
