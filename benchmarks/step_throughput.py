@@ -464,7 +464,7 @@ def lower_recipe(opts: Options, recipe_name: str, param_shapes=None) -> LoweredR
     optim_cfg = OptimConfig(batch_size=opts.batch_size, total_steps=10_000, warmup_steps=10)
     optimizer = make_optimizer(optim_cfg)
     if param_shapes is None:
-        param_shapes = _param_shapes(mcfg, k_init, None)
+        param_shapes = jax.eval_shape(model.init, k_init)
     # The state as ``finish_recipe`` builds it: replicated on every device (step.replicate).
     replicated = NamedSharding(mesh, P())
     state_shapes = jax.tree.map(
