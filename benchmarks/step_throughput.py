@@ -41,12 +41,14 @@ run) next to the FLOP model's prediction of that ratio.
 Presets (individual flags override them; a preset's batch is per device, so the global
 batch is that times the device count, while ``--batch_size`` gives the global batch):
   * ``cpu``: S/4 at 64x64, batch 4, float32, 10 timed steps after 1 warm-up step: 2 min
-    17 s to 2 min 24 s for the five recipes on 2 CPU cores (six runs on 2026-12-07),
+    11 s to 2 min 44 s for the five recipes on 2 CPU cores (fourteen runs on 2026-12-07),
     about 1 minute of it compiling five 16-block models; about 6 GiB of memory, with all
     five states held for the interleaved steps.
     64x64 keeps the paper's 256 tokens, so the recipes' token ratios (and the FLOP
-    model's predictions) are those of the paper's B/4 at 64x64. Batch 4 gives the same
-    MFU and step-time ratios as batch 8 (measured) in half the stepping time.
+    model's predictions) are those of the paper's B/4 at 64x64. Batch 4 halves batch
+    8's stepping time and is where the DiT recipe runs best (its activations stay in
+    the L3 cache); at batch 6 UMD's and MAE's ratios to DiT came out 0.03-0.06 lower,
+    a third or more of that from DiT slowing down (benchmarks/README.md, "Suite size").
   * ``paper``: B/4 at 64x64, batch 256 per device, bfloat16 (a GPU or TPU).
 
 ``--microbatches=M`` times the step that accumulates the gradient over M sequential
