@@ -362,14 +362,13 @@ def fill_init_cache(configs, key, cache: dict) -> None:
 
 
 def _param_shapes(config, key, cache: dict | None):
-    """The parameter shapes of ``config`` from its cached values, or by tracing its init."""
+    """The parameter shapes of ``config`` from its cached values; None when they are not
+    cached (``lower_recipe`` then traces its own model's init for them)."""
     import jax
-
-    from unidiff import models as um
 
     entry = None if cache is None else cache.get(_cache_entry(config, key))
     if entry is None:
-        return jax.eval_shape(um.Model(config).init, key)
+        return None
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), entry)
 
 
