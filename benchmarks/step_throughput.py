@@ -41,7 +41,7 @@ run) next to the FLOP model's prediction of that ratio.
 Presets (individual flags override them; a preset's batch is per device, so the global
 batch is that times the device count, while ``--batch_size`` gives the global batch):
   * ``cpu``: S/4 at 64x64, batch 4, float32, 10 timed steps after 1 warm-up step: 2 min
-    11 s to 2 min 44 s for the five recipes on 2 CPU cores (fourteen runs on 2026-12-07),
+    11 s to 2 min 44 s for the five recipes on 2 CPU cores (seventeen runs on 2026-12-07),
     about 1 minute of it compiling five 16-block models; about 6 GiB of memory, with all
     five states held for the interleaved steps.
     64x64 keeps the paper's 256 tokens, so the recipes' token ratios (and the FLOP
