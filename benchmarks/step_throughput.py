@@ -41,15 +41,23 @@ run) next to the FLOP model's prediction of that ratio.
 Presets (individual flags override them; a preset's batch is per device, so the global
 batch is that times the device count, while ``--batch_size`` gives the global batch):
   * ``cpu``: S/4 at 64x64, batch 4, float32, 10 timed steps after 1 warm-up step: 2 min
-    11 s to 2 min 44 s for the five recipes on 2 CPU cores (seventeen runs on 2026-12-07),
-    about 1 minute of it compiling five 16-block models; about 6 GiB of memory, with all
-    five states held for the interleaved steps.
+    11 s to 2 min 57 s for the five recipes on 2 CPU cores (twenty-two runs on 2026-12-07
+    that compiled their programs), about 1 minute of it compiling five 16-block models;
+    1 min 34 s to 1 min 57 s (three runs) when ``--compilation_cache_dir`` holds the
+    programs from an earlier run; about 6 GiB of memory, with all five states held for
+    the interleaved steps.
     64x64 keeps the paper's 256 tokens, so the recipes' token ratios (and the FLOP
     model's predictions) are those of the paper's B/4 at 64x64. Batch 4 halves batch
     8's stepping time and is where the DiT recipe runs best (its activations stay in
     the L3 cache); at batch 6 UMD's and MAE's ratios to DiT came out 0.03-0.06 lower,
     a third or more of that from DiT slowing down (benchmarks/README.md, "Suite size").
   * ``paper``: B/4 at 64x64, batch 256 per device, bfloat16 (a GPU or TPU).
+
+``--compilation_cache_dir=DIR`` (JAX's persistent compilation cache) loads the programs
+an earlier run compiled into DIR: the same executables, so the same step times, but then
+``compile_time_s`` is tracing, lowering and loading, and the record's
+``compile_cache_hit`` is true (also when the cache was set up through
+``JAX_COMPILATION_CACHE_DIR``).
 
 ``--microbatches=M`` times the step that accumulates the gradient over M sequential
 chunks of each device's rows (pretrain.py's flag of that name): the same update and FLOPs.
@@ -70,13 +78,14 @@ import dataclasses
 import json
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
 from absl import app, flags
 
 from unidiff.outputs import atomic_write, check_output_file
-from unidiff.runtime import tune_host_allocator
+from unidiff.runtime import define_compilation_cache_flag, tune_host_allocator, use_compilation_cache
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
 tune_host_allocator()
@@ -119,6 +128,10 @@ _INTERLEAVE = flags.DEFINE_bool(
     "recipe after another and holds one recipe's state at a time.")
 _JSON = flags.DEFINE_string("json", None, "Write the records as a JSON list to this path.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and the synthetic batch.")
+_COMPILATION_CACHE = define_compilation_cache_flag()
+
+# JAX records this event in the thread that loads a program from the persistent cache.
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,14 +519,29 @@ def lower_recipe(opts: Options, recipe_name: str, param_shapes=None) -> LoweredR
     return LoweredRecipe(recipe_name, record, lowered, model, optimizer, mesh, batch, (k_init, k_state))
 
 
-def compile_recipe(low: LoweredRecipe) -> tuple[Any, float]:
-    """XLA's compilation of a lowered step: (the executable, seconds)."""
-    t0 = time.perf_counter()
-    compiled = low.lowered.compile()
-    return compiled, time.perf_counter() - t0
+def compile_recipe(low: LoweredRecipe) -> tuple[Any, float, bool]:
+    """XLA's compilation of a lowered step: (the executable, seconds, whether it was loaded
+    from JAX's persistent compilation cache instead of compiled)."""
+    import jax
+
+    hits, me = [], threading.get_ident()
+
+    def listener(event: str, **_) -> None:
+        # Only this thread's: another may compile (or load) something else meanwhile.
+        if event == _CACHE_HIT_EVENT and threading.get_ident() == me:
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(listener)
+    try:
+        t0 = time.perf_counter()
+        compiled = low.lowered.compile()
+        return compiled, time.perf_counter() - t0, bool(hits)
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
 
 
-def finish_recipe(low: LoweredRecipe, compiled, compile_s: float, init_cache: dict | None) -> PreparedRecipe:
+def finish_recipe(low: LoweredRecipe, compiled, compile_s: float, cached: bool,
+                  init_cache: dict | None) -> PreparedRecipe:
     """The compiled step with its state (initial parameters from ``init_cache``) and
     the record completed with the compile time and XLA's analyses of the executable."""
     from unidiff.train.state import init_state
@@ -531,6 +559,8 @@ def finish_recipe(low: LoweredRecipe, compiled, compile_s: float, init_cache: di
         # Tracing and lowering plus XLA's compilation: the time to build the step.
         compile_time_s=low.record["lower_time_s"] + compile_s,
         xla_compile_time_s=compile_s,
+        # Loaded from the persistent compilation cache: then the XLA time is a load's.
+        compile_cache_hit=cached,
         xla_temp_bytes=temp_bytes,
         # XLA's own count for the compiled step (dots and elementwise ops, all devices):
         # close to flops_per_step means no work the FLOP model leaves out, e.g. on
@@ -587,7 +617,8 @@ def prepare_recipes(opts: Options, init_cache: dict, log=print) -> list[Prepared
             prepared.append(finish_recipe(low, *compiling.result(), init_cache))
             rec = prepared[-1].record
             log(f"  {low.name}: compiled in {rec['compile_time_s']:.1f} s "
-                f"(lowering {rec['lower_time_s']:.1f} s, XLA {rec['xla_compile_time_s']:.1f} s)")
+                f"(lowering {rec['lower_time_s']:.1f} s, XLA {rec['xla_compile_time_s']:.1f} s"
+                + (", loaded from the compilation cache)" if rec["compile_cache_hit"] else ")"))
         return prepared
     finally:
         # On an error, compilations not yet started are dropped; the running one ends.
@@ -673,6 +704,9 @@ def run_suite(opts: Options, log=print) -> list[dict[str, Any]]:
         f"{opts.compute_dtype}, {opts.steps} timed steps after {opts.warmup_steps} warm-up"
         + (f", gradients accumulated over {opts.microbatches} microbatches"
            if opts.microbatches > 1 else ""))
+    cache_dir = jax.config.jax_compilation_cache_dir
+    if cache_dir:
+        log(f"compilation cache: {cache_dir} (a program found there is loaded, not compiled)")
     probe, peaks, probe_times = None, {}, []
     if opts.peak_flops is None:
         probe = MatmulProbe(opts.matmul_size, opts.compute_dtype)
@@ -737,7 +771,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
         toks = "+".join(f"{v['rows']}x{v['encoder_tokens']}" for v in r["branches"].values())
         rel = "n/a" if r["step_time_rel_dit"] is None else f"{r['step_time_rel_dit']:.3f}"
         mem = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"
-        rows.append((r["recipe"], r["arch"], toks, f"{r['compile_time_s']:.1f}", f"{r['step_time_s']:.3f}",
+        rows.append((r["recipe"], r["arch"], toks,
+                     f"{r['compile_time_s']:.1f}" + (" (cache)" if r.get("compile_cache_hit") else ""),
+                     f"{r['step_time_s']:.3f}",
                      f"{r['images_per_s']:.2f}", f"{r['flops_per_step'] / 1e9:.1f}",
                      f"{r['achieved_flops'] / 1e9:.1f}", f"{100 * r['mfu']:.1f}%", rel,
                      f"{r['flops_rel_dit']:.3f}", mem))
@@ -756,6 +792,7 @@ def main(argv: list[str]) -> None:
         check_recipes(opts)
         if _JSON.value:
             check_output_file("json", _JSON.value)
+        use_compilation_cache(_COMPILATION_CACHE.value)
     except ValueError as e:  # ConfigError included
         raise app.UsageError(str(e)) from None
     records = run_suite(opts, log=lambda s: print(s, flush=True))

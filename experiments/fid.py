@@ -34,7 +34,7 @@ import zipfile
 from absl import app, flags
 
 from unidiff.outputs import check_output_file
-from unidiff.runtime import tune_host_allocator
+from unidiff.runtime import define_compilation_cache_flag, tune_host_allocator, use_compilation_cache
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
 tune_host_allocator()
@@ -54,6 +54,7 @@ flags.DEFINE_string("save_stats", None, "Write the reference statistics computed
 flags.DEFINE_string("save_sample_stats", None, "Write the samples' statistics here.")
 flags.DEFINE_integer("batch_size", 50, "Images per Inception call.")
 flags.DEFINE_integer("is_splits", 10, "Inception Score splits (capped at the sample count).")
+define_compilation_cache_flag()
 FLAGS = flags.FLAGS
 
 
@@ -142,6 +143,7 @@ def main(argv):
     from unidiff.eval import inception as inc
 
     try:
+        use_compilation_cache(FLAGS.compilation_cache_dir)
         if not FLAGS.inception_weights:
             raise UsageError(f"--inception_weights: required (a local .npz); {inc.CONVERT_HINT}")
         if not FLAGS.samples and not (FLAGS.ref_dataset and FLAGS.save_stats):

@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from unidiff.runtime import tune_host_allocator
+from unidiff.runtime import define_compilation_cache_flag, tune_host_allocator, use_compilation_cache
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
 tune_host_allocator()
@@ -33,6 +33,7 @@ FINETUNE_DEFAULTS = dict(
 )
 cli.define_flags(defaults=FINETUNE_DEFAULTS, skip=INHERITED)  # copied from the pretraining run
 cli.define_distributed_flags()
+define_compilation_cache_flag()
 FLAGS = flags.FLAGS
 log = logging.getLogger("unidiff")
 
@@ -47,6 +48,7 @@ def main(argv):
 
     loop.setup_logging()
     try:
+        use_compilation_cache(FLAGS.compilation_cache_dir)
         cli.maybe_initialize_distributed(FLAGS)
         if not FLAGS.init_from:
             raise ConfigError("--init_from: required (a pretraining workdir)")

@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from unidiff.runtime import tune_host_allocator
+from unidiff.runtime import define_compilation_cache_flag, tune_host_allocator, use_compilation_cache
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
 tune_host_allocator()
@@ -23,6 +23,7 @@ from unidiff.train import cli
 
 cli.define_flags()
 cli.define_distributed_flags()
+define_compilation_cache_flag()
 FLAGS = flags.FLAGS
 
 
@@ -34,6 +35,7 @@ def main(argv):
 
     loop.setup_logging()
     try:
+        use_compilation_cache(FLAGS.compilation_cache_dir)
         cli.maybe_initialize_distributed(FLAGS)
         run = loop.prepare(cli.config_from_flags(FLAGS))
     except (ConfigError, ValueError) as e:

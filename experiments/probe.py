@@ -29,7 +29,7 @@ import time
 
 from absl import app, flags
 
-from unidiff.runtime import tune_host_allocator
+from unidiff.runtime import define_compilation_cache_flag, tune_host_allocator, use_compilation_cache
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
 tune_host_allocator()
@@ -51,6 +51,7 @@ flags.DEFINE_float("l2", 1024.0, "Ridge penalty.")
 flags.DEFINE_integer("seed", 0, "Seed of the shot selection, the noise and --random_init.")
 flags.DEFINE_integer("batch_size", 256, "Images per encoder call.")
 flags.DEFINE_string("data_dir", None, "Override the workdir's --data_dir.")
+define_compilation_cache_flag()
 FLAGS = flags.FLAGS
 
 
@@ -102,6 +103,7 @@ def main(argv):
     from unidiff.train import workdir as wd
 
     try:
+        use_compilation_cache(FLAGS.compilation_cache_dir)
         trained = wd.load_workdir(FLAGS.workdir, FLAGS.data_dir)
         if FLAGS.shots < 0:
             raise UsageError(f"--shots: must be >= 0 (0 = all), got {FLAGS.shots}")

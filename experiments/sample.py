@@ -27,7 +27,7 @@ import time
 from absl import app, flags
 
 from unidiff.outputs import atomic_write, check_output_file
-from unidiff.runtime import tune_host_allocator
+from unidiff.runtime import define_compilation_cache_flag, tune_host_allocator, use_compilation_cache
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
 tune_host_allocator()
@@ -55,6 +55,7 @@ flags.DEFINE_integer("zoom", 0, "Enlarge the PNG grid this many times (0 = auto:
                      "at least 64 px).")
 flags.DEFINE_string("data_dir", None, "Override the workdir's --data_dir (its dataset is read "
                     "for channels and classes).")
+define_compilation_cache_flag()
 FLAGS = flags.FLAGS
 
 
@@ -160,6 +161,7 @@ def main(argv):
     from unidiff.train import workdir as wd
 
     try:
+        use_compilation_cache(FLAGS.compilation_cache_dir)
         trained = wd.load_workdir(FLAGS.workdir, FLAGS.data_dir)
         cfg = trained.model.config
         check_flags(trained.num_classes, trained.schedule.num_steps, cfg.output == "x0_eps")

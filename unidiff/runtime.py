@@ -1,5 +1,11 @@
 """Process-level settings for the experiment binaries, benchmarks and tests.
 
+``use_compilation_cache(path)`` (the binaries' ``--compilation_cache_dir``) keeps XLA's
+compiled programs in a directory, so that a rerun, a resumed run or a repeated benchmark
+loads them instead of compiling again: the cpu benchmark suite took 1 min 34 s to 1 min
+57 s with a filled cache against 2 min 42 s to 2 min 57 s compiling (benchmarks/README.md,
+"Compilation").
+
 ``tune_host_allocator()`` keeps XLA:CPU's per-step buffers resident. XLA:CPU allocates a
 train step's temporary buffer (1.6 GiB for DiT-S/4 at 64x64, batch 8) with
 ``posix_memalign`` from a worker thread. glibc serves a request that large with a fresh
@@ -23,6 +29,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from pathlib import Path
 
 # mallopt(3) parameters (glibc <malloc.h>).
 _M_TRIM_THRESHOLD = -1
@@ -44,3 +51,52 @@ def tune_host_allocator() -> bool:
     # M_TRIM_THRESHOLD -1 "disables trimming completely" (mallopt(3)).
     return bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0)
                 and mallopt(_M_TRIM_THRESHOLD, -1))
+
+
+COMPILATION_CACHE_FLAG = "compilation_cache_dir"
+COMPILATION_CACHE_HELP = (
+    "Directory that keeps XLA's compiled programs between runs (JAX's persistent compilation "
+    "cache; created if missing): a rerun, a resumed run or a repeated benchmark with the same "
+    "programs loads them instead of compiling. Unset = JAX's default (off unless "
+    "JAX_COMPILATION_CACHE_DIR is set). Share it only with users you trust: a cached program "
+    "is run as it is.")
+
+
+def define_compilation_cache_flag():
+    """Define ``--compilation_cache_dir`` on absl's global flags; returns its holder."""
+    from absl import flags
+
+    return flags.DEFINE_string(COMPILATION_CACHE_FLAG, None, COMPILATION_CACHE_HELP)
+
+
+def use_compilation_cache(path: str | None, flag: str = COMPILATION_CACHE_FLAG) -> str | None:
+    """Keep XLA's compiled programs in ``path`` (created if missing); returns its absolute
+    path, or None (nothing changed) when ``path`` is empty.
+
+    Call it before the first compilation: JAX decides once per process whether its cache
+    is in use, so this also resets that decision. A cached program is reused only for the
+    same program, compile options (XLA flags and some of JAX's own settings among them),
+    devices and jax/jaxlib versions; JAX caches programs whose compilation took at least
+    ``jax_persistent_cache_min_compile_time_secs`` (default 1 s). JAX writes an entry in
+    place, not through a rename, so one cut short by a kill stays unreadable: that
+    program is then compiled on every run, with a warning naming it, until the directory
+    is emptied. Raises ValueError naming ``--flag`` when ``path`` cannot be a writable
+    directory.
+    """
+    if not path:
+        return None
+    where = Path(path).expanduser()
+    if where.exists() and not where.is_dir():
+        raise ValueError(f"--{flag}: {path} exists and is not a directory")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--{flag}: cannot create directory {path}: {e.strerror or e}") from None
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise ValueError(f"--{flag}: directory {path} is not writable")
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_compilation_cache_dir", str(where.resolve()))
+    compilation_cache.reset_cache()
+    return str(where.resolve())

@@ -23,6 +23,8 @@ KEYS = ("recipe", "model", "image_size", "batch_size", "compile_time_s", "step_t
 def _run(tmp_path, *args, **env_extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                **env_extra)
+    if "JAX_COMPILATION_CACHE_DIR" not in env_extra:  # compile, unless a test asks for the cache
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -46,6 +48,7 @@ def test_suite_runs_two_recipes_and_writes_records(tmp_path):
         assert r["num_devices"] == 1
         assert r["mfu"] == pytest.approx(r["achieved_flops"] / r["peak_flops"])
         assert math.isfinite(r["loss"])
+        assert r["compile_cache_hit"] is False  # no persistent cache: compiled
         assert r["timing"] == "interleaved"  # the default: recipes' steps taken in turns
         # XLA's own count of the compiled step agrees with the FLOP model (elementwise
         # ops add a few percent). Running UMD's encoder on hidden tokens, or recomputing
@@ -60,6 +63,29 @@ def test_suite_runs_two_recipes_and_writes_records(tmp_path):
     # The table is printed with one row per recipe.
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 3 and "time/DiT" in table[0] and "FLOPs/DiT" in table[0]
+
+
+def test_compilation_cache_loads_the_steps_on_a_rerun(tmp_path):
+    """With --compilation_cache_dir, a second run loads the step from the cache instead of
+    compiling it, says so in its records and its table, and runs the same program."""
+    cache = tmp_path / "xla_cache"
+    args = ("--recipes=dit", "--model=N/2", "--image_size=8", "--batch_size=8", "--steps=1",
+            "--warmup_steps=0", "--matmul_size=256", f"--compilation_cache_dir={cache}")
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}.json"
+        # Cache every program, however quick to compile (JAX's default threshold is 1 s).
+        proc = _run(tmp_path, *args, f"--json={out}", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (rec,) = json.loads(out.read_text())
+        runs.append((rec, proc.stdout))
+    (first, first_out), (second, second_out) = runs
+    assert first["compile_cache_hit"] is False and second["compile_cache_hit"] is True
+    assert "(cache)" not in first_out and "(cache)" in second_out
+    assert "loaded from the compilation cache" in second_out
+    # The loaded program is the compiled one: same XLA cost analysis, same first loss.
+    assert second["xla_flops_per_step"] == first["xla_flops_per_step"]
+    assert second["loss"] == first["loss"]
 
 
 def test_paper_preset_runs_in_bfloat16_with_overrides(tmp_path):
@@ -110,6 +136,7 @@ def test_mfu_divides_by_the_peak_of_every_device(tmp_path):
     (["--model=N/0"], ("--model", "N/0")),
     (["--model=N/2", "--image_size=9"], ("--image_size 9",)),
     (["--json={tmp}"], ("--json", "is a folder")),
+    (["--compilation_cache_dir=/dev/null"], ("--compilation_cache_dir", "not a directory")),
     (["--recipes=umd", "--arch=dit", "--model=N/2"], ("--recipes umd with --arch dit", "mask token")),
     (["--recipes=mdt", "--model=P/2"], ("--si_position", "set --si_position")),
     (["--recipes=dit,umd", "--si_position=1"], ("--si_position", "mdt architecture")),

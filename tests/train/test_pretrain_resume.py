@@ -30,10 +30,16 @@ def straight(tmp_path_factory):
 
 def test_resume_in_new_process_is_bitwise_exact(tmp_path, straight):
     split = tmp_path / "split"
-    common = COMMON
-    run_binary("pretrain.py", common + [f"--workdir={split}", "--stop_after=10"])
+    # The interrupted run keeps its compiled programs (every one, however quick to
+    # compile) in a persistent cache, and the resumed process loads them from there: a
+    # loaded train step must continue the straight run's trajectory bit for bit.
+    cache = tmp_path / "xla_cache"
+    common = COMMON + [f"--compilation_cache_dir={cache}"]
+    env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    run_binary("pretrain.py", common + [f"--workdir={split}", "--stop_after=10"], env=env)
     assert max(losses_by_step(split)) == 10
-    run_binary("pretrain.py", common + [f"--workdir={split}"])
+    assert any(f.name.endswith("-cache") for f in cache.iterdir()), sorted(cache.iterdir())
+    run_binary("pretrain.py", common + [f"--workdir={split}"], env=env)
 
     a, b = losses_by_step(straight), losses_by_step(split)
     assert sorted(a) == list(range(1, 21)) and sorted(b) == list(range(1, 21))

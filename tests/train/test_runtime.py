@@ -1,4 +1,5 @@
-"""unidiff.runtime: the allocator settings make glibc reuse a freed large buffer in place.
+"""unidiff.runtime: the allocator settings make glibc reuse a freed large buffer in place;
+``use_compilation_cache`` refuses a path that cannot be a cache directory, naming the flag.
 
 Each case runs in a fresh interpreter, because the settings must be made before any
 thread allocates and cannot be undone. The check is independent of XLA: malloc and
@@ -15,6 +16,8 @@ import subprocess
 import sys
 
 import pytest
+
+from unidiff.runtime import use_compilation_cache
 
 _PROBE = r"""
 import json, resource, sys
@@ -51,3 +54,43 @@ def test_tuned_allocator_reuses_large_buffers_without_faults():
     # Default glibc: the second 256 MiB buffer is a fresh mapping, faulted page by page.
     assert default["faults"] > 0.9 * pages, default
     assert tuned["faults"] < 0.05 * default["faults"], (tuned, default)
+
+
+def test_compilation_cache_path_must_be_a_directory(tmp_path):
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match=r"^--compilation_cache_dir: .*afile exists and is not a directory"):
+        use_compilation_cache(str(afile))
+    with pytest.raises(ValueError, match=r"^--cache: cannot create directory .*afile/sub"):
+        use_compilation_cache(str(afile / "sub"), flag="cache")
+    assert afile.read_text() == "x"
+    # Unset leaves JAX's setting alone, and so does a refused path.
+    assert use_compilation_cache(None) is None and use_compilation_cache("") is None
+    assert jax.config.jax_compilation_cache_dir == before
+
+
+@pytest.mark.parametrize("binary,args", [
+    ("pretrain.py", ["--dataset=synthetic", "--model=N/2", "--image_size=8", "--batch_size=8",
+                     "--train_steps=1", "--workdir={tmp}/w"]),
+    ("finetune.py", ["--init_from={tmp}/none", "--workdir={tmp}/w"]),
+    ("sample.py", ["--workdir={tmp}/w"]),
+    ("probe.py", ["--workdir={tmp}/w"]),
+    ("fid.py", ["--inception_weights={tmp}/none.npz", "--samples={tmp}/none.npz",
+                "--ref_stats={tmp}/none.npz"]),
+])
+def test_every_binary_refuses_a_cache_path_that_is_a_file(tmp_path, binary, args):
+    from tests.e2e_helpers import run_binary
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = run_binary(binary, [a.format(tmp=tmp_path) for a in args]
+                      + [f"--compilation_cache_dir={afile}"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert lines == [f"{binary}: error: --compilation_cache_dir: {afile} exists and is not a "
+                     "directory"], proc.stderr[-2000:]
+    # Refused first: nothing written, and no complaint about the other (missing) paths.
+    assert afile.read_text() == "x" and sorted(tmp_path.iterdir()) == [afile]
