@@ -23,8 +23,6 @@ KEYS = ("recipe", "model", "image_size", "batch_size", "compile_time_s", "step_t
 def _run(tmp_path, *args, **env_extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                **env_extra)
-    if "JAX_COMPILATION_CACHE_DIR" not in env_extra:  # compile, unless a test asks for the cache
-        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -48,7 +46,9 @@ def test_suite_runs_two_recipes_and_writes_records(tmp_path):
         assert r["num_devices"] == 1
         assert r["mfu"] == pytest.approx(r["achieved_flops"] / r["peak_flops"])
         assert math.isfinite(r["loss"])
-        assert r["compile_cache_hit"] is False  # no persistent cache: compiled
+        # Whether the step came from JAX's persistent cache (conftest.py shares one
+        # between the tests): recorded, since the compile time is then a load's.
+        assert isinstance(r["compile_cache_hit"], bool)
         assert r["timing"] == "interleaved"  # the default: recipes' steps taken in turns
         # XLA's own count of the compiled step agrees with the FLOP model (elementwise
         # ops add a few percent). Running UMD's encoder on hidden tokens, or recomputing
@@ -311,8 +311,12 @@ def test_prepare_recipes_equals_preparing_one_at_a_time(bench):
             np.testing.assert_array_equal(a, b)
         rec = p.record
         assert rec["compile_time_s"] == pytest.approx(rec["lower_time_s"] + rec["xla_compile_time_s"])
-        same = {k: v for k, v in rec.items() if not k.endswith("time_s")}
-        assert same == {k: v for k, v in q.record.items() if not k.endswith("time_s")}
+        # Times differ, and the second preparation may load the step the first one put
+        # in the tests' persistent compilation cache (conftest.py).
+        def same(r):
+            return {k: v for k, v in r.items() if not k.endswith("time_s") and k != "compile_cache_hit"}
+
+        assert same(rec) == same(q.record)
         p.step(), q.step()
         assert float(p.metrics["loss"]) == float(q.metrics["loss"])
         for a, b in zip(leaves(p.state.params), leaves(q.state.params)):
