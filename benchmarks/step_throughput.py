@@ -772,7 +772,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
         rel = "n/a" if r["step_time_rel_dit"] is None else f"{r['step_time_rel_dit']:.3f}"
         mem = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"
         rows.append((r["recipe"], r["arch"], toks,
-                     f"{r['compile_time_s']:.1f}" + (" (cache)" if r.get("compile_cache_hit") else ""),
+                     f"{r['compile_time_s']:.1f}" + (" (cache)" if r["compile_cache_hit"] else ""),
                      f"{r['step_time_s']:.3f}",
                      f"{r['images_per_s']:.2f}", f"{r['flops_per_step'] / 1e9:.1f}",
                      f"{r['achieved_flops'] / 1e9:.1f}", f"{100 * r['mfu']:.1f}%", rel,

@@ -29,7 +29,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from pathlib import Path
+
+from unidiff.outputs import check_output_dir
 
 # mallopt(3) parameters (glibc <malloc.h>).
 _M_TRIM_THRESHOLD = -1
@@ -70,7 +71,7 @@ def define_compilation_cache_flag():
 
 
 def use_compilation_cache(path: str | None, flag: str = COMPILATION_CACHE_FLAG) -> str | None:
-    """Keep XLA's compiled programs in ``path`` (created if missing); returns its absolute
+    """Keep XLA's compiled programs in ``path`` (created on first use); returns its absolute
     path, or None (nothing changed) when ``path`` is empty.
 
     Call it before the first compilation: JAX decides once per process whether its cache
@@ -81,22 +82,16 @@ def use_compilation_cache(path: str | None, flag: str = COMPILATION_CACHE_FLAG) 
     place, not through a rename, so one cut short by a kill stays unreadable: that
     program is then compiled on every run, with a warning naming it, until the directory
     is emptied. Raises ValueError naming ``--flag`` when ``path`` cannot be a writable
-    directory.
+    folder (``unidiff.outputs.check_output_dir``).
     """
     if not path:
         return None
-    where = Path(path).expanduser()
-    if where.exists() and not where.is_dir():
-        raise ValueError(f"--{flag}: {path} exists and is not a directory")
-    try:
-        where.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--{flag}: cannot create directory {path}: {e.strerror or e}") from None
-    if not os.access(where, os.W_OK | os.X_OK):
-        raise ValueError(f"--{flag}: directory {path} is not writable")
+    # Checked as any output folder (a file, or an unwritable ancestor, is refused); JAX
+    # creates it on its first use.
+    where = check_output_dir(flag, os.path.expanduser(path))
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    jax.config.update("jax_compilation_cache_dir", str(where.resolve()))
+    jax.config.update("jax_compilation_cache_dir", where)
     compilation_cache.reset_cache()
-    return str(where.resolve())
+    return where

@@ -145,7 +145,7 @@ def test_mfu_divides_by_the_peak_of_every_device(tmp_path):
     (["--model=N/0"], ("--model", "N/0")),
     (["--model=N/2", "--image_size=9"], ("--image_size 9",)),
     (["--json={tmp}"], ("--json", "is a folder")),
-    (["--compilation_cache_dir=/dev/null"], ("--compilation_cache_dir", "not a directory")),
+    (["--compilation_cache_dir=/dev/null"], ("--compilation_cache_dir /dev/null", "is a file")),
     (["--recipes=umd", "--arch=dit", "--model=N/2"], ("--recipes umd with --arch dit", "mask token")),
     (["--recipes=mdt", "--model=P/2"], ("--si_position", "set --si_position")),
     (["--recipes=dit,umd", "--si_position=1"], ("--si_position", "mdt architecture")),

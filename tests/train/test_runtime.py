@@ -1,5 +1,5 @@
 """unidiff.runtime: the allocator settings make glibc reuse a freed large buffer in place;
-``use_compilation_cache`` refuses a path that cannot be a cache directory, naming the flag.
+``use_compilation_cache`` refuses a path that cannot be a cache folder, naming the flag.
 
 Each case runs in a fresh interpreter, because the settings must be made before any
 thread allocates and cannot be undone. The check is independent of XLA: malloc and
@@ -62,9 +62,9 @@ def test_compilation_cache_path_must_be_a_directory(tmp_path):
     before = jax.config.jax_compilation_cache_dir
     afile = tmp_path / "afile"
     afile.write_text("x")
-    with pytest.raises(ValueError, match=r"^--compilation_cache_dir: .*afile exists and is not a directory"):
+    with pytest.raises(ValueError, match=r"^--compilation_cache_dir .*afile: is a file; expected a folder"):
         use_compilation_cache(str(afile))
-    with pytest.raises(ValueError, match=r"^--cache: cannot create directory .*afile/sub"):
+    with pytest.raises(ValueError, match=r"^--cache .*afile/sub: .*afile is a file, not a folder"):
         use_compilation_cache(str(afile / "sub"), flag="cache")
     assert afile.read_text() == "x"
     # Unset leaves JAX's setting alone, and so does a refused path.
@@ -90,7 +90,7 @@ def test_every_binary_refuses_a_cache_path_that_is_a_file(tmp_path, binary, args
                       + [f"--compilation_cache_dir={afile}"], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
-    assert lines == [f"{binary}: error: --compilation_cache_dir: {afile} exists and is not a "
-                     "directory"], proc.stderr[-2000:]
+    assert lines == [f"{binary}: error: --compilation_cache_dir {afile}: is a file; expected a "
+                     "folder (existing or new)"], proc.stderr[-2000:]
     # Refused first: nothing written, and no complaint about the other (missing) paths.
     assert afile.read_text() == "x" and sorted(tmp_path.iterdir()) == [afile]
