@@ -47,7 +47,8 @@ flags.DEFINE_string("ref_split", "train", "Split of --ref_dataset.")
 flags.DEFINE_string("ref_data_dir", None, "--data_dir of --ref_dataset.")
 flags.DEFINE_integer("ref_image_size", 0, "Resize reference images to this size; 0 = the "
                      "samples' size (or the dataset's native size without --samples).")
-flags.DEFINE_integer("max_ref", 0, "Use at most this many reference images (0 = all).")
+flags.DEFINE_integer("max_ref", 0, "Use the first this many readable reference images (0 = all; "
+                     "unreadable ones are skipped and do not count; else >= 2).")
 flags.DEFINE_string("inception_weights", None, "Local .npz of FID Inception-v3 weights.")
 flags.DEFINE_string("save_stats", None, "Write the reference statistics computed from "
                     "--ref_dataset here (.npz with mu, sigma) for later --ref_stats runs.")
@@ -96,7 +97,8 @@ def load_samples(path: str):
 
 
 def reference_images(size: int):
-    """uint8 eval-transformed images of --ref_dataset/--ref_split, and their count."""
+    """Batches of uint8 eval-transformed images of --ref_dataset/--ref_split, how many
+    readable images they will hold at most, and the split's size."""
     import numpy as np
 
     from unidiff import data as ud
@@ -107,6 +109,7 @@ def reference_images(size: int):
         raise UsageError(f"--ref_dataset {FLAGS.ref_dataset} --ref_split {FLAGS.ref_split}: {e}") from None
     if getattr(source, "latent", False):
         raise UsageError(f"--ref_dataset {FLAGS.ref_dataset}: latents are not images; FID needs pixels")
+    # --max_ref counts images read (readable_examples skips unreadable ones and scans on).
     n = len(source) if not FLAGS.max_ref else min(FLAGS.max_ref, len(source))
     native = getattr(source, "image_shape", None)
     size = size or (native[0] if native else 0)
@@ -116,10 +119,7 @@ def reference_images(size: int):
 
     def batches():
         buf = []
-        for i in range(n):
-            ex = source[i]
-            if ex is None:
-                continue
+        for _, ex in ud.readable_examples(source, n):
             img = ud.eval_image(ex["image"], size)
             buf.append(np.clip(np.round((img + 1.0) * 127.5), 0, 255).astype(np.uint8))
             if len(buf) == FLAGS.batch_size:
@@ -128,7 +128,7 @@ def reference_images(size: int):
         if buf:
             yield np.stack(buf)
 
-    return batches(), n
+    return batches(), n, len(source)
 
 
 def main(argv):
@@ -171,8 +171,11 @@ def main(argv):
             raise UsageError(f"--batch_size: must be >= 1, got {FLAGS.batch_size}")
         if FLAGS.is_splits < 1:
             raise UsageError(f"--is_splits: must be >= 1, got {FLAGS.is_splits}")
-        if FLAGS.ref_image_size < 0 or FLAGS.max_ref < 0:
-            raise UsageError("--ref_image_size and --max_ref: must be >= 0")
+        if FLAGS.ref_image_size < 0:
+            raise UsageError(f"--ref_image_size: must be >= 0, got {FLAGS.ref_image_size}")
+        if FLAGS.max_ref < 0 or FLAGS.max_ref == 1:
+            raise UsageError(f"--max_ref: must be 0 (all) or >= 2 (a covariance needs two "
+                             f"images), got {FLAGS.max_ref}")
         samples = load_samples(FLAGS.samples) if FLAGS.samples else None
         ref_mu = ref_sigma = None
         if FLAGS.ref_stats:
@@ -186,7 +189,7 @@ def main(argv):
         ref_batches = None
         if FLAGS.ref_dataset:
             size = FLAGS.ref_image_size or (samples.shape[1] if samples is not None else 0)
-            ref_batches, ref_n = reference_images(size)
+            ref_batches, ref_n, ref_total = reference_images(size)
             if ref_n < 2:
                 raise UsageError(f"--ref_dataset {FLAGS.ref_dataset}: need at least 2 images")
         try:
@@ -221,7 +224,7 @@ def main(argv):
         ref, _ = run(ref_batches, want_probs=False)
         if ref.count < 2:  # unreadable images are skipped (the log names them)
             print(f"fid.py: error: --ref_dataset {FLAGS.ref_dataset} --ref_split {FLAGS.ref_split}: "
-                  f"{ref.count} of its {ref_n} images could be read, at least 2 are needed",
+                  f"{ref.count} of its {ref_total} images could be read, at least 2 are needed",
                   file=sys.stderr)
             return 2
         ref_mu, ref_sigma = ref.mean, ref.cov

@@ -53,11 +53,45 @@ def run_binary(name: str, args: list[str], env: dict | None = None, timeout: flo
         capture_output=True, text=True, env=child_env(env, fast_compile), timeout=timeout, cwd=ROOT,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{name} {' '.join(args)} exited {proc.returncode}\n"
-            f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-        )
+        raise AssertionError(_failure(name, args, proc))
     return proc
+
+
+def _failure(name: str, args: list[str], proc: subprocess.CompletedProcess) -> str:
+    return (f"{name} {' '.join(args)} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+
+
+def communicate_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Wait for processes started together (with text pipes) and return their results;
+    if one times out, none is left running."""
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return done
+
+
+def run_binaries(runs: list[tuple[str, list[str]]], env: dict | None = None, timeout: float = 300,
+                 fast_compile: bool = True) -> list[subprocess.CompletedProcess]:
+    """Start ``experiments/<name> <args>`` for every run at once (independent runs, e.g.
+    one per device layout: their single-threaded start-up and tracing overlap), wait for
+    all, and fail naming the first that exited non-zero."""
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "experiments" / name), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=child_env(env, fast_compile), cwd=ROOT)
+             for name, args in runs]
+    done = communicate_all(procs, timeout)
+    for (name, args), proc in zip(runs, done):
+        if proc.returncode != 0:
+            raise AssertionError(_failure(name, args, proc))
+    return done
 
 
 def read_metrics(workdir) -> list[dict]:

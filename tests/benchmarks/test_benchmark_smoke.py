@@ -14,17 +14,23 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e_helpers import communicate_all
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "step_throughput.py"
 KEYS = ("recipe", "model", "image_size", "batch_size", "compile_time_s", "step_time_s",
         "images_per_s", "flops_per_step", "achieved_flops", "mfu")
 
 
-def _run(tmp_path, *args, **env_extra):
+def _start(tmp_path, *args, **env_extra) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                **env_extra)
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run(tmp_path, *args, **env_extra) -> subprocess.CompletedProcess:
+    return communicate_all([_start(tmp_path, *args, **env_extra)])[0]
 
 
 TINY_SUITE = ("--model=N/2", "--image_size=8", "--batch_size=8", "--steps=2", "--warmup_steps=1",
@@ -120,23 +126,26 @@ def test_mfu_divides_by_the_peak_of_every_device(tmp_path):
     share is refused, naming --batch_size, before anything is measured. A preset's batch
     is per device."""
     two = dict(XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    out = tmp_path / "records.json"
-    proc = _run(tmp_path, "--recipes=dit", "--model=P/2", "--image_size=8", "--batch_size=4",
-                "--steps=1", "--warmup_steps=0", "--peak_flops=1e9", f"--json={out}", **two)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out, preset_out = tmp_path / "records.json", tmp_path / "preset.json"
+    common = ("--recipes=dit", "--model=P/2", "--image_size=8", "--steps=1")
+    # Three independent processes, started together (about 10 s less than in turn).
+    procs = [
+        _start(tmp_path, *common, "--batch_size=4", "--warmup_steps=0", "--peak_flops=1e9",
+               f"--json={out}", **two),
+        _start(tmp_path, *common, "--batch_size=3", "--matmul_size=64", **two),
+        # Without --batch_size the preset's batch is per device: 4 (cpu preset) on each of 2.
+        _start(tmp_path, *common, "--warmup_steps=0", "--peak_flops=1e9", f"--json={preset_out}", **two),
+    ]
+    measured, refused, preset = communicate_all(procs)
+    assert measured.returncode == 0, measured.stderr[-3000:]
     (rec,) = json.loads(out.read_text())
     assert rec["num_devices"] == 2 and rec["peak_flops"] == 1e9
     assert rec["mfu"] == pytest.approx(rec["flops_per_step"] / rec["step_time_s"] / 2e9)
-    proc = _run(tmp_path, "--recipes=dit", "--model=P/2", "--image_size=8", "--batch_size=3",
-                "--steps=1", "--matmul_size=64", **two)
-    assert proc.returncode != 0
-    assert "--batch_size: 3 is not divisible by the 2 devices" in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "matmul peak" not in proc.stdout
-    # Without --batch_size the preset's batch is per device: 4 (cpu preset) on each of 2.
-    proc = _run(tmp_path, "--recipes=dit", "--model=P/2", "--image_size=8", "--steps=1",
-                "--warmup_steps=0", "--peak_flops=1e9", f"--json={out}", **two)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (rec,) = json.loads(out.read_text())
+    assert refused.returncode != 0
+    assert "--batch_size: 3 is not divisible by the 2 devices" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr and "matmul peak" not in refused.stdout
+    assert preset.returncode == 0, preset.stderr[-3000:]
+    (rec,) = json.loads(preset_out.read_text())
     assert (rec["num_devices"], rec["batch_size"]) == (2, 8)
 
 

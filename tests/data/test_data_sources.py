@@ -7,6 +7,8 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from unidiff import data as ud
 from unidiff.data import sources as S
@@ -62,6 +64,30 @@ def test_folder_classes_rgb_and_unreadable(folder_dir):
         else:
             np.testing.assert_array_equal(got["image"], want)
             assert got["image"].shape[-1] == 3 and got["label"] == label
+
+
+@settings(max_examples=60, deadline=None)
+@given(readable=st.lists(st.booleans(), max_size=12), limit=st.integers(0, 14))
+def test_readable_examples_take_the_first_readable_ones(readable, limit):
+    """A limit counts examples read: unreadable ones (None) are skipped and the scan
+    goes on, so the result is the first ``limit`` readable indices (all for 0)."""
+    source = [{"label": i} if ok else None for i, ok in enumerate(readable)]
+    got = list(ud.readable_examples(source, limit))
+    want = [i for i, ok in enumerate(readable) if ok]
+    want = want[:limit] if limit else want
+    assert [i for i, _ in got] == want
+    assert all(ex == {"label": i} for i, ex in got)
+
+
+def test_readable_examples_on_a_folder_with_broken_files(folder_dir):
+    root, expected = folder_dir
+    src = ud.build_source("folder", root, "train")
+    readable = [i for i in range(len(src)) if src[i] is not None]
+    assert 0 < len(readable) < len(src)  # the fixture has broken files among good ones
+    assert [i for i, _ in ud.readable_examples(src, len(readable))] == readable
+    assert [i for i, _ in ud.readable_examples(src)] == readable
+    with pytest.raises(ValueError, match="limit"):
+        next(ud.readable_examples(src, -1))
 
 
 def test_folder_split_subdirectory(tmp_path, fakes):

@@ -54,6 +54,8 @@ def test_fid_bad_input_names_the_flag_or_file(tmp_path):
         # The grid instead of the arrays beside it.
         ([f"--samples={png}", f"--ref_stats={bad_stats}", f"--inception_weights={missing}"],
          ("--samples", "not an .npz archive", "sample.py")),
+        ([f"--samples={samples}", "--ref_dataset=digits", "--max_ref=1", f"--inception_weights={missing}"],
+         ("--max_ref", ">= 2", "got 1")),
     ]
     folder = tmp_path / "folder.npz"
     folder.mkdir()

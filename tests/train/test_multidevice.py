@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
-from tests.e2e_helpers import ROOT, child_env, losses_by_step, read_metrics, run_binary
+from tests.e2e_helpers import ROOT, child_env, communicate_all, losses_by_step, read_metrics, run_binaries
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
@@ -20,8 +19,8 @@ def test_eight_devices_match_one_device(tmp_path, tiny_args):
     common = tiny_args + ["--batch_size=16", "--train_steps=12"]
     runs = {"one": ["--num_devices=1"], "eight": ["--num_devices=8"],
             "chunks": ["--num_devices=2", "--microbatches=4"]}
-    for name, flags in runs.items():
-        run_binary("pretrain.py", common + flags + [f"--workdir={tmp_path / name}"], env=EIGHT)
+    run_binaries([("pretrain.py", common + flags + [f"--workdir={tmp_path / name}"])
+                  for name, flags in runs.items()], env=EIGHT)
     one = losses_by_step(tmp_path / "one")
     assert sorted(one) == list(range(1, 13))
     a = np.array([one[s] for s in range(1, 13)])
@@ -84,19 +83,23 @@ json.dump(out, sys.stdout)
 """
 
 
-@pytest.mark.parametrize("archs", ["umd", "dit,mae,maskdit,mdt"])
-def test_gradient_is_the_mean_over_devices_not_the_sum(tmp_path, archs):
+def test_gradient_is_the_mean_over_devices_not_the_sum(tmp_path):
     """One SGD step (lr 1) on 1, 2 and 8 devices, and with the rows accumulated over
     microbatches: the update is the same global-mean gradient, and its norm is the logged
     grad_norm. UMD on 1, 2 and 8 devices and 4 or 8 microbatches (one device) and 2 x 4;
     every other architecture (frozen tables, no adaLN, side-interpolater) on 1 and 8
-    devices and 2 devices x 2 microbatches."""
+    devices and 2 devices x 2 microbatches. Two processes, started together."""
     env = child_env({**EIGHT, "PYTHONPATH": str(ROOT)})
-    proc = subprocess.run([sys.executable, "-c", _SGD_STEP, str(tmp_path), archs], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout)
-    assert sorted(out) == sorted(archs.split(","))
+    groups = ["umd", "dit,mae,maskdit,mdt"]
+    procs = [subprocess.Popen([sys.executable, "-c", _SGD_STEP, str(tmp_path), archs], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for archs in groups]
+    out = {}
+    for archs, proc in zip(groups, communicate_all(procs)):
+        assert proc.returncode == 0, (archs, proc.stderr[-3000:])
+        group = json.loads(proc.stdout)
+        assert sorted(group) == sorted(archs.split(","))
+        out.update(group)
     for name, runs in out.items():
         one = runs["1x1"]
         assert one["update_norm"] > 0, name

@@ -31,6 +31,7 @@ from unidiff.data.sources import (
     SyntheticSource,
     canonical_split,
     digits_split_indices,
+    readable_examples,
 )
 from unidiff.data.transforms import (
     center_crop_box,
@@ -60,6 +61,7 @@ __all__ = [
     "digits_split_indices",
     "eval_image",
     "make_loader",
+    "readable_examples",
     "sample_crop_box",
     "source_info",
     "steps_per_epoch",

@@ -252,6 +252,24 @@ class ImageNetNpzSource:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
+def readable_examples(source, limit: int | None = None):
+    """Yield ``(index, example)`` for the source's readable examples in index order,
+    skipping unreadable ones (``None``) and stopping after ``limit`` of them (None or
+    0: all). A limit counts examples read, not indices scanned, so a few broken files
+    do not shrink an evaluation set."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit: must be >= 0 or None, got {limit}")
+    used = 0
+    for i in range(len(source)):
+        if limit and used == limit:
+            return
+        ex = source[i]
+        if ex is None:
+            continue
+        used += 1
+        yield i, ex
+
+
 def _rgb_uint8(im: Image.Image) -> np.ndarray:
     """(H, W, 3) uint8 of any image Pillow opens from a .jpg/.jpeg/.png file.
 
