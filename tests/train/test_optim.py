@@ -21,10 +21,13 @@ from unidiff.train.optim import (
 
 
 def test_decay_mask_skips_biases_norms_and_tokens():
+    """Decayed: rank >= 2 weights and the learned position tables; not: biases (the
+    relative position bias table too), norm parameters, CLS and mask tokens."""
     params = {
         "encoder": {
             "cls_tokens": jnp.zeros((4, 8)),
             "block_0/attn/qkv": {"w": jnp.zeros((8, 24)), "b": jnp.zeros((24,))},
+            "block_0/attn": {"rel_pos_bias": jnp.zeros((49, 2))},  # MDT's, rank 2 but a bias
             "norm": {"scale": jnp.zeros((8,)), "offset": jnp.zeros((8,))},
             "pos_embed": jnp.zeros((16, 8)),
         },
@@ -33,6 +36,7 @@ def test_decay_mask_skips_biases_norms_and_tokens():
     mask = decay_mask(params)
     assert mask["encoder"]["cls_tokens"] is False
     assert mask["encoder"]["block_0/attn/qkv"] == {"w": True, "b": False}
+    assert mask["encoder"]["block_0/attn"] == {"rel_pos_bias": False}
     assert mask["encoder"]["norm"] == {"scale": False, "offset": False}
     assert mask["encoder"]["pos_embed"] is True
     assert mask["decoder"] == {"mask_token": False, "head": {"w": True}}

@@ -1,8 +1,8 @@
 """AdamW with warmup + cosine decay, global-norm clipping and a weight-decay mask.
 
 Hyperparameters follow the UMD paper (REFERENCE §6): peak LR = base_lr * batch / 256,
-linear warmup then cosine decay to ``min_lr``; no weight decay on biases, norm
-parameters, CLS tokens or mask tokens.
+linear warmup then cosine decay to ``min_lr``; no weight decay on biases (MDT's relative
+position bias table included), norm parameters, CLS tokens or mask tokens.
 
 The clipping is ``optax.clip_by_global_norm`` except that ``update`` takes the norm as
 the extra argument ``grad_norm`` when the caller has it: the train step computes the
@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Parameter names (last path element) that are never decayed whatever their rank.
-NO_DECAY_NAMES = ("cls_tokens", "mask_token")
+# Parameter names (last path element) that are never decayed whatever their rank: the
+# tokens, and MDT's relative position bias table ((2g-1)^2, heads), a bias added to the
+# attention logits (BEiT-style models keep it out of weight decay too).
+NO_DECAY_NAMES = ("cls_tokens", "mask_token", "rel_pos_bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,8 @@ class OptimConfig:
 
 
 def decay_mask(params) -> object:
-    """True for parameters that get weight decay: rank >= 2 and not a token."""
+    """True for parameters that get weight decay: rank >= 2 and not a token or the
+    relative position bias table."""
 
     def keep(path, leaf) -> bool:
         name = getattr(path[-1], "key", getattr(path[-1], "name", str(path[-1])))
