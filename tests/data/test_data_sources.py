@@ -209,6 +209,22 @@ def test_latents_without_held_out_subfolder_has_no_test_split(tmp_path, fakes):
     np.testing.assert_array_equal(np.stack([te[i]["image"] for i in range(len(te))]), held_out)
 
 
+def test_latents_held_out_split_numbers_classes_as_train(tmp_path, fakes):
+    """The held-out split's num_classes is train's, whichever classes its own labels
+    cover; a label that train does not have is an error naming both files."""
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+    fakes.write_latents(str(tmp_path / "train"))  # labels 0..4
+    fakes.write_latents(str(tmp_path / "val"), n=3, labels=False)
+    np.save(tmp_path / "val" / "labels.npy", np.array([0, 1, 1]))
+    te = ud.build_source("latents", str(tmp_path), "test")
+    assert te.num_classes == ud.build_source("latents", str(tmp_path), "train").num_classes == 5
+    assert [int(te[i]["label"]) for i in range(3)] == [0, 1, 1]
+    np.save(tmp_path / "val" / "labels.npy", np.array([0, 5, 1]))
+    with pytest.raises(ud.DataError, match=r"val/labels.npy: label 5 is not a class of the training split"):
+        ud.build_source("latents", str(tmp_path), "test")
+
+
 def test_cifar10(tmp_path, fakes):
     sub = tmp_path / "cifar-10-batches-py"
     sub.mkdir()

@@ -513,12 +513,30 @@ class DigitsSource:
 # ------------------------------------------------------------------------------- latents
 
 
+def _latent_train_classes(train_labels: str, label_path: str, own: int) -> int:
+    """The training split's class count, for a held-out split whose labels (``own``
+    classes by their largest id) must lie within it."""
+    try:
+        lab = np.load(train_labels, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{train_labels}: not a readable .npy array ({err})") from None
+    if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
+        raise DataError(f"{train_labels}: got {lab.dtype} {lab.shape}; expected integer (N,)")
+    train = int(lab.max()) + 1 if lab.size else 0
+    if own > train:
+        raise DataError(f"{label_path}: label {own - 1} is not a class of the training split "
+                        f"({train_labels} has labels 0..{train - 1})")
+    return train
+
+
 class LatentSource:
     """Precomputed latents: ``latents.npy`` (N, h, w, c) float, optional ``labels.npy`` (N,).
 
     Read from ``data_dir/<split>/`` (``val`` also serves as 'test'); a ``data_dir``
     without split folders is all training data and has no 'test' split, as for
     image folders. Memory-mapped. Without labels, ``num_classes`` is 0 and every label is 0.
+    With labels in both splits, the held-out split's ``num_classes`` is train's (its
+    labels must lie within it), as image folders number their classes.
     """
 
     latent = True
@@ -554,6 +572,11 @@ class LatentSource:
                 raise DataError(f"{label_path}: negative label {lab.min()}; expected 0-based class ids")
             self._labels = lab.astype(np.int32)
             self.num_classes = int(lab.max()) + 1 if lab.size else 0
+            train_labels = os.path.join(root, "train", "labels.npy")
+            if split == "test" and os.path.isfile(train_labels):
+                # As for image folders: the held-out split has train's classes, so its
+                # num_classes does not depend on which classes its own examples cover.
+                self.num_classes = _latent_train_classes(train_labels, label_path, self.num_classes)
         else:
             self._labels = np.zeros((self._num,), np.int32)
             self.num_classes = 0
