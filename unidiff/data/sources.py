@@ -513,20 +513,23 @@ class DigitsSource:
 # ------------------------------------------------------------------------------- latents
 
 
-def _latent_train_classes(train_labels: str, label_path: str, own: int) -> int:
-    """The training split's class count, for a held-out split whose labels (``own``
-    classes by their largest id) must lie within it."""
+def _read_labels(path: str, num: int | None) -> np.ndarray:
+    """A latents split's ``labels.npy``: 1-D, integer, 0-based, and ``num`` long when
+    ``num`` is given (the split's latents.npy rows)."""
     try:
-        lab = np.load(train_labels, mmap_mode="r", allow_pickle=False)
+        lab = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise DataError(f"{train_labels}: not a readable .npy array ({err})") from None
-    if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
-        raise DataError(f"{train_labels}: got {lab.dtype} {lab.shape}; expected integer (N,)")
-    train = int(lab.max()) + 1 if lab.size else 0
-    if own > train:
-        raise DataError(f"{label_path}: label {own - 1} is not a class of the training split "
-                        f"({train_labels} has labels 0..{train - 1})")
-    return train
+        raise DataError(f"{path}: not a readable .npy array ({err})") from None
+    if lab.ndim != 1 or (num is not None and lab.shape[0] != num) or not np.issubdtype(lab.dtype, np.integer):
+        expected = "(N,)" if num is None else f"({num},) matching latents.npy"
+        raise DataError(f"{path}: got {lab.dtype} {lab.shape}; expected integer {expected}")
+    if lab.size and lab.min() < 0:
+        raise DataError(f"{path}: negative label {lab.min()}; expected 0-based class ids")
+    return lab
+
+
+def _class_count(labels: np.ndarray) -> int:
+    return int(labels.max()) + 1 if labels.size else 0
 
 
 class LatentSource:
@@ -562,21 +565,18 @@ class LatentSource:
         self._num = int(arr.shape[0])
         label_path = os.path.join(folder, "labels.npy")
         if os.path.isfile(label_path):
-            try:
-                lab = np.load(label_path, allow_pickle=False)
-            except (OSError, ValueError) as err:
-                raise DataError(f"{label_path}: not a readable .npy array ({err})") from None
-            if lab.ndim != 1 or lab.shape[0] != self._num or not np.issubdtype(lab.dtype, np.integer):
-                raise DataError(f"{label_path}: got {lab.dtype} {lab.shape}; expected integer ({self._num},) matching latents.npy")
-            if lab.size and lab.min() < 0:
-                raise DataError(f"{label_path}: negative label {lab.min()}; expected 0-based class ids")
+            lab = _read_labels(label_path, self._num)
             self._labels = lab.astype(np.int32)
-            self.num_classes = int(lab.max()) + 1 if lab.size else 0
+            self.num_classes = _class_count(lab)
             train_labels = os.path.join(root, "train", "labels.npy")
             if split == "test" and os.path.isfile(train_labels):
                 # As for image folders: the held-out split has train's classes, so its
                 # num_classes does not depend on which classes its own examples cover.
-                self.num_classes = _latent_train_classes(train_labels, label_path, self.num_classes)
+                train = _class_count(_read_labels(train_labels, None))
+                if self.num_classes > train:
+                    raise DataError(f"{label_path}: label {self.num_classes - 1} is not a class of the "
+                                    f"training split ({train_labels} has labels 0..{train - 1})")
+                self.num_classes = train
         else:
             self._labels = np.zeros((self._num,), np.int32)
             self.num_classes = 0
