@@ -126,3 +126,27 @@ def test_q_sample_at_t0_is_exact_and_round_trips(kind, shape, seed):
     tol = 1e-5 * (1 + 4 / np.sqrt(np.maximum(1 - a, 1e-30)))
     assert np.all(np.abs(out["eps_back"] - eps) * noisy < tol)
     np.testing.assert_array_equal(out["eps_back"][~noisy.reshape(-1)], 0.0)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), t_max=st.sampled_from([1, 5, 30, 1000]))
+def test_bfloat16_inputs_get_their_noise_at_small_t(seed, t_max):
+    """In bfloat16, alpha_bar_t of the cosine schedule rounds to 1.0 for about the first 20
+    noisy steps; the coefficients must still come from float32, so that x_t carries
+    sqrt(1 - alpha_bar_t) eps to bfloat16 precision instead of no noise at all."""
+    sched = uc.make_schedule("cosine", 1000)
+    rng = np.random.default_rng(seed)
+    t = rng.integers(1, t_max + 1, size=(16,)).astype(np.int32)
+    a = np.asarray(sched.alphas_cumprod, np.float64)[t][:, None]
+    eps = jnp.asarray(rng.standard_normal((16, 4)), jnp.bfloat16)
+    eps64 = np.asarray(eps, np.float64)
+    q = jax.jit(uc.q_sample)
+    # x0 = 0 isolates the noise term: sigma and the product each round once (2^-8 relative).
+    noise = q(sched, jnp.zeros((16, 4), jnp.bfloat16), t, eps)
+    assert noise.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(noise, np.float64), np.sqrt(1 - a) * eps64, rtol=2.0**-7)
+    # With an image, x_t matches the float64 forward process to bfloat16 precision.
+    x0 = jnp.asarray(rng.uniform(-1, 1, (16, 4)), jnp.bfloat16)
+    xt = np.asarray(q(sched, x0, t, eps), np.float64)
+    want = np.sqrt(a) * np.asarray(x0, np.float64) + np.sqrt(1 - a) * eps64
+    assert np.all(np.abs(xt - want) <= 2.0**-7 * (1 + np.abs(want)))

@@ -58,33 +58,39 @@ def make_schedule(kind: str = "cosine", num_steps: int = 1000) -> Schedule:
     )
 
 
-def _at(table: Float[Array, "t1"], t: Int[Array, "b"], like: Array) -> Array:
-    """Look up ``table[t]`` and reshape to broadcast against ``like`` (B, ...)."""
-    vals = jnp.take(table, t).astype(like.dtype)
-    return vals.reshape(t.shape + (1,) * (like.ndim - t.ndim))
+def _coefficients(
+    schedule: Schedule, t: Int[Array, "b"], like: Array
+) -> tuple[Array, Array]:
+    """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) reshaped to broadcast against ``like``
+    (B, ...) and in its dtype. Both are computed in float32 and only then cast: in
+    bfloat16, alpha_bar_t rounds to 1.0 for the first ~20 noisy steps of the cosine
+    schedule, which would make sqrt(1 - alpha_bar_t) exactly 0 (no noise at all)."""
+    a = jnp.take(schedule.alphas_cumprod, t).astype(jnp.float32)
+    shape = t.shape + (1,) * (like.ndim - t.ndim)
+    return (jnp.sqrt(a).astype(like.dtype).reshape(shape),
+            jnp.sqrt(1.0 - a).astype(like.dtype).reshape(shape))
 
 
 def q_sample(
     schedule: Schedule, x0: Float[Array, "b ..."], t: Int[Array, "b"], noise: Float[Array, "b ..."]
 ) -> Float[Array, "b ..."]:
     """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
-    a = _at(schedule.alphas_cumprod, t, x0)
-    return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+    sqrt_a, sigma = _coefficients(schedule, t, x0)
+    return sqrt_a * x0 + sigma * noise
 
 
 def x0_from_eps(
     schedule: Schedule, xt: Float[Array, "b ..."], t: Int[Array, "b"], eps: Float[Array, "b ..."]
 ) -> Float[Array, "b ..."]:
     """Invert q_sample for x0 given the noise. Exact (x0 = x_t) at t = 0."""
-    a = _at(schedule.alphas_cumprod, t, xt)
-    return (xt - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+    sqrt_a, sigma = _coefficients(schedule, t, xt)
+    return (xt - sigma * eps) / sqrt_a
 
 
 def eps_from_x0(
     schedule: Schedule, xt: Float[Array, "b ..."], t: Int[Array, "b"], x0: Float[Array, "b ..."]
 ) -> Float[Array, "b ..."]:
     """Invert q_sample for the noise given x0. At t = 0 there is no noise: returns 0."""
-    a = _at(schedule.alphas_cumprod, t, xt)
-    sigma = jnp.sqrt(1.0 - a)
-    safe = jnp.where(sigma > 0, sigma, 1.0)
-    return jnp.where(sigma > 0, (xt - jnp.sqrt(a) * x0) / safe, 0.0)
+    sqrt_a, sigma = _coefficients(schedule, t, xt)
+    safe = jnp.where(sigma > 0, sigma, jnp.ones_like(sigma))
+    return jnp.where(sigma > 0, (xt - sqrt_a * x0) / safe, jnp.zeros_like(xt))
