@@ -42,7 +42,8 @@ flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale w >= 0 (1 = 
                    "REFERENCE: 1.5 for FID, 4 for pictures). Needs a class-conditional model "
                    "unless 1.")
 flags.DEFINE_enum("guidance_schedule", "constant", ["constant", "power_cosine"],
-                  "constant w, or MDT's power-cosine ramp from 1 at t = T to w at t = 0.")
+                  "constant w, or MDT's power-cosine ramp from 1 at t = T to w at the last step "
+                  "(t = 1).")
 flags.DEFINE_float("guidance_power", 4.0, "Exponent of the power-cosine schedule.")
 flags.DEFINE_enum("head", "eps", ["eps", "x0"], "Which prediction drives the sampler.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (results are deterministic given it and "

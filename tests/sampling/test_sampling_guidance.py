@@ -32,9 +32,11 @@ def test_power_cosine_endpoints_and_formula():
     t = jnp.arange(0, T + 1)
     got = np.asarray(guidance_weight(t, w, "power_cosine", p, T))
     assert got[T] == pytest.approx(1.0, abs=1e-6)
-    assert got[0] == pytest.approx(w, abs=1e-6)
-    tt = np.arange(0, T + 1, dtype=np.float64)
-    expected = (w - 1) * (1 - np.cos(np.pi * (1 - tt / T) ** p)) / 2 + 1
+    # MDT's code evaluates the formula at its 0-based timestep k = t - 1: the last model
+    # call (t = 1, k = 0) gets exactly w.
+    assert got[1] == pytest.approx(w, abs=1e-6) and got[0] == pytest.approx(w, abs=1e-6)
+    k = np.maximum(np.arange(0, T + 1, dtype=np.float64) - 1, 0)
+    expected = (w - 1) * (1 - np.cos(np.pi * (1 - k / T) ** p)) / 2 + 1
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # Guidance grows as sampling proceeds from t = T to t = 0.
     assert np.all(np.diff(got) <= 1e-6)
@@ -61,11 +63,11 @@ def test_guided_matches_formula_on_all_channels(scale, kind, seed):
     gx0, geps = jax.jit(fn)(x, t, labels)
     cx0, ceps = (np.asarray(a, np.float64) for a in _toy_jit(x, t, labels))
     ux0, ueps = (np.asarray(a, np.float64) for a in _toy_jit(x, t, jnp.full((b,), NULL, jnp.int32)))
-    tt = np.asarray(t, np.float64)
+    k = np.asarray(t, np.float64) - 1  # MDT's 0-based timestep (t >= 1 here)
     if kind == "constant":
         w = np.full(b, scale)
     else:
-        w = (scale - 1) * (1 - np.cos(np.pi * (1 - tt / T) ** 4)) / 2 + 1
+        w = (scale - 1) * (1 - np.cos(np.pi * (1 - k / T) ** 4)) / 2 + 1
     w = w.reshape(b, 1, 1, 1)
     np.testing.assert_allclose(np.asarray(gx0), ux0 + w * (cx0 - ux0), atol=1e-5)
     np.testing.assert_allclose(np.asarray(geps), ueps + w * (ceps - ueps), atol=1e-4)

@@ -15,10 +15,13 @@ and guiding the eps head give the same sampler update.
 Scale schedules (t is the table index, 1..T noisy, T = schedule.num_steps):
 
 * ``"constant"``: w_t = w.
-* ``"power_cosine"`` (MDT): w_t = (w - 1) * (1 - cos(pi * (1 - t/T)^p)) / 2 + 1, so the
-  weight is 1 (no guidance) at the noisiest step t = T and rises to w as t -> 0; p = 4 and
-  w = 3.8 in MDT. (The MDT paper writes w * (1 - cos(pi (t/t_max)^s)) / 2 with t counting
-  sampling progress; the form above, from MDT's code, is what REFERENCE §3 specifies.)
+* ``"power_cosine"`` (MDT): w_t = (w - 1) * (1 - cos(pi * (1 - k/T)^p)) / 2 + 1 with
+  k = t - 1, the 0-based noisy index that MDT's code puts in this formula (its model's
+  timestep), so the weight is 1 (to within (w - 1) * 5e-12 for T = 1000) at the noisiest
+  step t = T and exactly w at the last model call t = 1; p = 4 and w = 3.8 in MDT. (The MDT
+  paper writes w * (1 - cos(pi (t/t_max)^s)) / 2 with t counting sampling progress; the
+  form above, from MDT's code, is what REFERENCE §3 specifies.) The clean step t = 0,
+  which no sampler calls the model at, gets w as well.
 
 Shape glossary: B batch; ``...`` the sample's trailing shape (H, W, C or tokens).
 """
@@ -100,7 +103,8 @@ def guidance_weight(
     t = jnp.asarray(t)
     if schedule_kind == "constant":
         return jnp.full(t.shape, scale, jnp.float32)
-    frac = 1.0 - t.astype(jnp.float32) / num_steps
+    k = jnp.maximum(t.astype(jnp.float32) - 1.0, 0.0)  # MDT's 0-based timestep
+    frac = 1.0 - k / num_steps
     ramp = (1.0 - jnp.cos(jnp.pi * frac**power)) / 2.0
     return (scale - 1.0) * ramp + 1.0
 
