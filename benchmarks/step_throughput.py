@@ -111,7 +111,8 @@ _PEAK = flags.DEFINE_float("peak_flops", None, "Peak FLOP/s of one device for MF
                            "devices, so MFU divides by this times their number); default: measured "
                            "with a matmul on one device.")
 _MATMUL = flags.DEFINE_integer("matmul_size", None, "Side of the square matmul measuring the peak.")
-_ARCH = flags.DEFINE_enum("arch", "auto", ["auto", "umd", "umd_no_adaln", "mae", "mdt", "maskdit", "dit"],
+_ARCH = flags.DEFINE_enum("arch", "auto", ["auto", "umd", "umd_no_adaln", "mae", "mdt", "maskdit", "dit",
+                                           "dit_affine"],
                           "Architecture as in training (--arch of pretrain.py); auto = the recipe's default. "
                           "'dit' = exactly DiT (all blocks on all tokens, no CLS).")
 _SI_POSITION = flags.DEFINE_integer(

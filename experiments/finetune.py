@@ -9,6 +9,17 @@ one the null class), and trains with the finetune recipe: r_t0 0.05, m_t0 0.75, 
 architecture (model, arch, image size, CLS tokens, side-interpolater position) is
 read from the pretraining workdir's config.json, with ``auto`` and ``0`` pinned to what
 the pretraining resolved them to. Logging, checkpointing and resume are those of pretrain.py.
+
+``--transfer_to_dit`` instead trains a DiT initialised from the pretraining's encoder as
+USP does (REFERENCE §4, ``unidiff.models.encoder_into_dit``): ``--recipe=dit`` on the
+``dit_affine`` architecture (DiT with affine LayerNorms, to take the pretrained ones), the
+patch embedding and every block copied, the decoder, mask token and CLS tokens dropped,
+DiT's AdaLN modulation, embeddings and final layer fresh (gates at zero). The pretraining
+needs as many encoder blocks as the DiT variant has blocks: a ``--recipe=usp`` (or
+``mae``) run of the same ``--model``, e.g.
+
+    python experiments/finetune.py --init_from=/tmp/usp --transfer_to_dit --recipe=dit \
+        --dataset=latents --data_dir=... --workdir=/tmp/usp_dit
 """
 
 from __future__ import annotations
@@ -34,6 +45,12 @@ FINETUNE_DEFAULTS = dict(
 cli.define_flags(defaults=FINETUNE_DEFAULTS, skip=INHERITED)  # copied from the pretraining run
 cli.define_distributed_flags()
 define_compilation_cache_flag()
+flags.DEFINE_bool(
+    "transfer_to_dit", False,
+    "Train a DiT (--arch dit_affine: DiT with affine LayerNorms) initialised from the "
+    "pretraining's encoder as USP does: patch embedding and blocks copied, decoder, mask "
+    "token and CLS dropped, AdaLN gates at zero. Needs --recipe=dit and a pretraining "
+    "(e.g. --recipe=usp) with as many encoder blocks as the DiT has.")
 FLAGS = flags.FLAGS
 log = logging.getLogger("unidiff")
 
@@ -54,7 +71,15 @@ def main(argv):
             raise ConfigError("--init_from: required (a pretraining workdir)")
         fixed = workdir_lib.inherited_flags(FLAGS.init_from, FLAGS.recipe, FLAGS.dataset,
                                             FLAGS.data_dir, FLAGS.workdir)
+        if FLAGS.transfer_to_dit:
+            if FLAGS.recipe != "dit":
+                raise ConfigError(f"--transfer_to_dit: trains a DiT on the DiT objective, so "
+                                  f"--recipe must be dit (got {FLAGS.recipe})")
+            fixed.update(arch="dit_affine", num_cls_tokens=-1, si_position=None)
         run = loop.prepare(cli.config_from_flags(FLAGS, **fixed))
+        if FLAGS.transfer_to_dit and ckpt_lib.latest_step(run.cfg.workdir) is None:
+            pretraining_model(run)  # refuses a pretraining that cannot fill this DiT
+
     except (ConfigError, ValueError) as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
@@ -63,6 +88,8 @@ def main(argv):
 
     def init_params(model, key):
         pretrained, step = ckpt_lib.restore_params(FLAGS.init_from, use_ema=True)
+        if FLAGS.transfer_to_dit:
+            return transfer_init(model, key, pretrained, step)
         merged, new = ckpt_lib.merge_pretrained(jax.jit(model.init)(key), pretrained)
         # Only the label embedding is new in a finetune; anything else starting fresh
         # means the pretraining built another model than this one.
@@ -75,12 +102,50 @@ def main(argv):
                  FLAGS.init_from, step, ", ".join(new) or "none")
         return merged
 
+    def transfer_init(model, key, pretrained, step):
+        from unidiff import models as um
+
+        source = pretraining_model(run)
+        try:
+            params, copied = um.encoder_into_dit(pretrained, source, model.config,
+                                                 jax.jit(model.init)(key))
+        except ValueError as e:  # a checkpoint that is not what its config.json says
+            raise loop.TrainingError(f"--init_from {FLAGS.init_from}: step {step} cannot "
+                                     f"initialise the DiT: {e}") from None
+        log.info("initialised the DiT from the encoder of %s step %d: %d parameters copied, "
+                 "the AdaLN modulation, embeddings and final layer fresh",
+                 FLAGS.init_from, step, len(copied))
+        return params
+
     try:
         loop.train(run, init_params=init_params)
     except loop.TrainingError as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def pretraining_model(run):
+    """The ModelConfig that ``--init_from``'s flags build (``auto`` and ``0`` pinned as for
+    a finetune of its own architecture), checked to fit the DiT of ``run``; ConfigError
+    naming --transfer_to_dit otherwise."""
+    import dataclasses
+
+    from unidiff import models as um
+    from unidiff.train import loop
+    from unidiff.train import workdir as workdir_lib
+    from unidiff.train.config import ConfigError
+
+    pre = workdir_lib.inherited_flags(FLAGS.init_from, FLAGS.recipe, FLAGS.dataset, FLAGS.data_dir)
+    pre_cfg = dataclasses.replace(run.cfg, **pre)
+    source = loop.model_config_for(pre_cfg, run.image_size, run.model_config.in_channels, 0)
+    try:
+        um.check_transfer(source, run.model_config)
+    except ValueError as e:
+        raise ConfigError(f"--transfer_to_dit: the encoder of --init_from {FLAGS.init_from} "
+                          f"(--arch {pre_cfg.resolved_arch()}, --model {pre_cfg.model}) cannot "
+                          f"initialise the DiT: {e}") from None
+    return source
 
 
 if __name__ == "__main__":

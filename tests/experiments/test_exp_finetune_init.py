@@ -10,6 +10,7 @@ and its label embedding is the fresh initialisation's.
 from __future__ import annotations
 
 import json
+import shutil
 
 import grain
 import jax
@@ -137,13 +138,22 @@ def test_finetune_keeps_the_native_image_size_of_the_pretraining_dataset(tmp_pat
     assert (own["arch"], own["image_size"]) == ("auto", 0)
 
 
-def test_finetune_refuses_a_checkpoint_of_another_architecture(tmp_path):
+@pytest.fixture(scope="module")
+def usp_pretrained(tmp_path_factory):
+    """One step of USP pretraining (MAE architecture: no AdaLN, one CLS token, 512x8
+    decoder) of the tiny P/2 model, which has one block."""
+    pre = tmp_path_factory.mktemp("usp") / "pre"
+    run_binary("pretrain.py", [*TINY, "--recipe=usp", "--train_steps=1", f"--workdir={pre}"])
+    return pre
+
+
+def test_finetune_refuses_a_checkpoint_of_another_architecture(usp_pretrained, tmp_path):
     """If the model built from the pretraining's config.json is not the one its checkpoint
-    holds (here: an MAE-recipe checkpoint, no AdaLN, whose config.json was edited to say
-    umd), every parameter but the label embedding would be trained from scratch without
+    holds (here: a USP checkpoint, no AdaLN, whose config.json was edited to say umd),
+    every parameter but the label embedding would be trained from scratch without
     notice: the finetune stops before its first step instead."""
     pre = tmp_path / "pre"
-    run_binary("pretrain.py", [*TINY, "--recipe=mae", "--train_steps=1", f"--workdir={pre}"])
+    shutil.copytree(usp_pretrained, pre)
     cfg = json.loads((pre / "config.json").read_text())
     (pre / "config.json").write_text(json.dumps({**cfg, "arch": "umd"}))
     proc = run_binary("finetune.py", ["--dataset=synthetic", "--batch_size=8", "--train_steps=2",
@@ -151,3 +161,68 @@ def test_finetune_refuses_a_checkpoint_of_another_architecture(tmp_path):
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "step 1 does not fit the finetune's model" in proc.stderr and "adaln" in proc.stderr.lower(), proc.stderr[-2000:]
     assert not (tmp_path / "ft" / "checkpoints").exists() or not any((tmp_path / "ft" / "checkpoints").iterdir())
+
+
+def test_transfer_to_dit_starts_a_dit_from_the_usp_encoder(usp_pretrained, tmp_path):
+    """USP (REFERENCE §4): the DiT's first step holds the pretrained patch embedding and
+    blocks (LayerNorm scales and offsets included), AdaLN modulation at zero, and nothing
+    of the pretraining's decoder, mask token or CLS token."""
+    from unidiff.train import workdir as wd
+
+    ft = tmp_path / "ft"
+    proc = run_binary("finetune.py", [
+        "--dataset=synthetic", "--batch_size=8", "--train_steps=1", "--warmup_steps=1",
+        "--ema_decay=0", "--recipe=dit", "--transfer_to_dit", f"--init_from={usp_pretrained}",
+        f"--workdir={ft}"])
+    assert "initialised the DiT from the encoder" in proc.stderr + proc.stdout
+    saved = json.loads((ft / "config.json").read_text())
+    assert (saved["arch"], saved["recipe"], saved["resolved"]["model"]["norm_affine"]) == ("dit_affine", "dit", True)
+    assert [m["lr"] for m in read_metrics(ft)] == [0.0]  # step 1 kept the initial parameters
+
+    pretrained = _flat(_read_state(usp_pretrained, 1)["params"])
+    got = _flat(_read_state(ft, 1)["params"])
+    copied = {k for k in got if k.startswith("['encoder']") and ("patch_embed" in k or (
+        "block_0/" in k and "adaln" not in k))}
+    assert len(copied) == 2 + 12  # patch embedding; qkv, proj, fc1, fc2, norm1, norm2 (w/b, scale/offset)
+    for k in copied:
+        np.testing.assert_array_equal(got[k], pretrained[k], err_msg=k)
+    # The pretrained values are not those of the DiT's own initialisation (else this proves nothing).
+    init_key, _ = jax.random.split(jax.random.key(saved["seed"]))  # as unidiff.train.loop.train
+    fresh = _flat(jax.jit(wd.load_workdir(str(ft)).model.init)(init_key))
+    assert any(not np.array_equal(fresh[k], pretrained[k]) for k in copied)
+    adaln = [k for k in got if "adaln" in k]
+    assert adaln and all(not np.any(got[k]) for k in adaln)
+    assert not any(s in k for k in got for s in ("mask_token", "cls_tokens", "decoder_embed", "block_1"))
+
+
+def test_transfer_to_dit_needs_the_dit_recipe(usp_pretrained, tmp_path):
+    proc = run_binary("finetune.py", ["--dataset=synthetic", "--batch_size=8", "--train_steps=1",
+                                      "--transfer_to_dit", f"--init_from={usp_pretrained}",
+                                      f"--workdir={tmp_path / 'ft'}"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "finetune.py: error: --transfer_to_dit: trains a DiT on the DiT objective, so --recipe "
+        "must be dit (got umd_finetune)")
+    assert not (tmp_path / "ft").exists() or not any((tmp_path / "ft").iterdir())
+
+
+def test_transfer_to_dit_refuses_a_pretraining_that_cannot_fill_the_dit(tmp_path):
+    """MDT's encoder holds only the blocks before its side-interpolater (2 of N's 4): USP
+    copies block i into block i, so the finetune stops before reading any checkpoint."""
+    pre = _pretrain_config(tmp_path, recipe="mdt", model="N/2", dataset="synthetic", image_size=8)
+    # A checkpoint that holds no model at all: the refusal comes before it is read.
+    state = init_state({"w": jnp.zeros(2)}, optax.sgd(0.1), jax.random.key(0), False)
+    ckpt = Checkpointer(pre)
+    try:
+        assert ckpt.save(1, state, iter(grain.MapDataset.range(4).to_iter_dataset()), force=True)
+    finally:
+        ckpt.close()
+    proc = run_binary("finetune.py", ["--dataset=synthetic", "--batch_size=8", "--train_steps=1",
+                                      "--recipe=dit", "--transfer_to_dit", f"--init_from={pre}",
+                                      f"--workdir={tmp_path / 'ft'}"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"finetune.py: error: --transfer_to_dit: the encoder of --init_from {pre} "
+                           "(--arch mdt, --model N/2) cannot initialise the DiT: depth: the pretrained "
+                           "encoder has 2 blocks and the DiT 4"), last
+    assert not (tmp_path / "ft" / "checkpoints").exists()

@@ -107,6 +107,15 @@ def test_si_position_places_mdts_side_interpolater(tmp_path, si_position, encode
     assert run.model_config.side_interpolater
 
 
+@pytest.mark.parametrize("arch,affine", [("dit", False), ("dit_affine", True)])
+def test_dit_architectures_differ_only_in_affine_layer_norms(tmp_path, arch, affine):
+    """dit_affine is exact DiT with LayerNorm scales and offsets (USP's transfer target)."""
+    run = loop.prepare(TrainConfig(workdir=str(tmp_path / "w"), **{**BASE, "recipe": "dit", "arch": arch}))
+    assert run.model_config.norm_affine is affine
+    assert run.model_config.replace(norm_affine=False) == \
+        loop.prepare(TrainConfig(workdir=str(tmp_path / "d"), **{**BASE, "recipe": "dit", "arch": "dit"})).model_config
+
+
 def test_changing_si_position_under_existing_workdir_is_rejected(tmp_path):
     cfg = TrainConfig(workdir=str(tmp_path), **{**BASE, "recipe": "mdt"})
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_json()))

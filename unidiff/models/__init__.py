@@ -48,13 +48,14 @@ from unidiff.models.layers import (
 from unidiff.models.model import Model
 from unidiff.models.outputs import EncoderOutput, Prediction
 from unidiff.models.side_interpolater import make_side_interpolater, side_interpolater_forward
+from unidiff.models.transfer import check_transfer, encoder_into_dit, interpolate_pos_embed
 
 __all__ = [
     "AdaLNBlock", "Attention", "DecoderEmbed", "Dense", "EncoderOutput", "FREQ_ORDERS", "FinalLayer",
     "LabelEmbed", "LayerNorm", "Mlp", "Model", "ModelConfig", "OUTPUT_KINDS", "POS_EMBED_KINDS",
     "Prediction", "SIZES", "TimeEmbed", "ViTBlock", "add_batch_shared", "bias_index", "conditioning",
     "count_params", "decoder_forward", "default_head_groups", "dit_config", "drop_labels",
-    "encoder_forward", "layer_norm", "mae_config", "make_block",
+    "check_transfer", "encoder_forward", "encoder_into_dit", "interpolate_pos_embed", "layer_norm", "mae_config", "make_block",
     "make_decoder", "make_encoder", "make_side_interpolater", "maskdit_config", "mdt_config",
     "modulate", "parse_variant", "position_embedding", "rel_pos_index", "side_interpolater_forward",
     "sincos_1d", "sincos_2d", "split_output", "timestep_features", "umd_config",

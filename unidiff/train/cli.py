@@ -18,7 +18,8 @@ HELP = {
     "recipe": "Corruption recipe: umd, umd_finetune, mae, dit, maskdit, mdt, usp.",
     "arch": "Architecture: auto (by recipe: mae -> umd_no_adaln as in the UMD paper, usp -> mae, "
             "mdt -> mdt, else umd), umd, umd_no_adaln, mae (original MAE, 512x8 decoder), mdt, "
-            "maskdit (original MaskDiT), dit (exact DiT).",
+            "maskdit (original MaskDiT), dit (exact DiT), dit_affine (DiT with affine LayerNorms, "
+            "USP's transfer target).",
     "model": "Model variant size/patch, e.g. N/2, Ti/4, S/4, B/4, L/2, XL/2.",
     "dataset": "digits (embedded, no download), imagenet64, imagenet32, cifar10, folder, latents, synthetic.",
     "data_dir": "Directory with the dataset files (not needed for digits / synthetic).",

@@ -13,7 +13,7 @@ from collections.abc import Collection
 from typing import Any
 
 RECIPES = ("umd", "umd_finetune", "mae", "dit", "maskdit", "mdt", "usp")
-ARCHS = ("auto", "umd", "umd_no_adaln", "mae", "mdt", "maskdit", "dit")
+ARCHS = ("auto", "umd", "umd_no_adaln", "mae", "mdt", "maskdit", "dit", "dit_affine")
 # The UMD paper runs every baseline on the same encoder-decoder, MAE without AdaLN;
 # USP is MAE with MAE's own 512x8 decoder; MDT needs its side-interpolater.
 DEFAULT_ARCH = {"mae": "umd_no_adaln", "usp": "mae", "mdt": "mdt"}

@@ -97,10 +97,11 @@ def model_config_for(cfg: TrainConfig, image_size: int, channels: int, num_class
     if cfg.si_position is not None:  # validate() allows it only for mdt
         overrides["si_position"] = cfg.si_position
     try:
-        if arch == "dit":
-            # DiT's blocks and embeddings with UMD's x0 + eps heads, which the losses need.
+        if arch in ("dit", "dit_affine"):
+            # DiT's blocks and embeddings with UMD's x0 + eps heads, which the losses need;
+            # dit_affine keeps LayerNorm scales and offsets, to take a USP encoder's.
             return um.dit_config(variant, image_size, channels, num_classes=num_classes,
-                                 output="x0_eps")
+                                 output="x0_eps", norm_affine=arch == "dit_affine")
         return ARCH_BUILDERS[arch](variant, image_size, channels, num_classes=num_classes,
                                    **overrides)
     except ValueError as e:
