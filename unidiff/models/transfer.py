@@ -101,7 +101,7 @@ def encoder_into_dit(
     def take(module: str, name: str) -> Array:
         if module not in src or name not in src[module]:
             raise ValueError(f"pretrained params: no ['encoder'][{module!r}][{name!r}] "
-                             f"(is it a checkpoint of {source.depth}-block encoder?)")
+                             f"(is it a checkpoint of a model with a {source.depth}-block encoder?)")
         return src[module][name]
 
     def put(part: str, module: str, name: str, value: Array, src_path: str) -> None:
