@@ -47,8 +47,10 @@ flags.DEFINE_string("ref_split", "train", "Split of --ref_dataset.")
 flags.DEFINE_string("ref_data_dir", None, "--data_dir of --ref_dataset.")
 flags.DEFINE_integer("ref_image_size", 0, "Resize reference images to this size; 0 = the "
                      "samples' size (or the dataset's native size without --samples).")
-flags.DEFINE_integer("max_ref", 0, "Use the first this many readable reference images (0 = all; "
-                     "unreadable ones are skipped and do not count; else >= 2).")
+flags.DEFINE_integer("max_ref", 0, "Use this many readable reference images (0 = all; else >= 2): "
+                     "a random subset (fixed seed 0, the same on every run), not the first ones, "
+                     "which in a class-sorted folder would be the first classes only. "
+                     "Unreadable images are skipped and do not count.")
 flags.DEFINE_string("inception_weights", None, "Local .npz of FID Inception-v3 weights.")
 flags.DEFINE_string("save_stats", None, "Write the reference statistics computed from "
                     "--ref_dataset here (.npz with mu, sigma) for later --ref_stats runs.")
@@ -111,6 +113,7 @@ def reference_images(size: int):
         raise UsageError(f"--ref_dataset {FLAGS.ref_dataset}: latents are not images; FID needs pixels")
     # --max_ref counts images read (readable_examples skips unreadable ones and scans on).
     n = len(source) if not FLAGS.max_ref else min(FLAGS.max_ref, len(source))
+    order = ud.subset_order(len(source), n)
     native = getattr(source, "image_shape", None)
     size = size or (native[0] if native else 0)
     if not size:
@@ -119,7 +122,7 @@ def reference_images(size: int):
 
     def batches():
         buf = []
-        for _, ex in ud.readable_examples(source, n):
+        for _, ex in ud.readable_examples(source, n, order):
             img = ud.eval_image(ex["image"], size)
             buf.append(np.clip(np.round((img + 1.0) * 127.5), 0, 255).astype(np.uint8))
             if len(buf) == FLAGS.batch_size:

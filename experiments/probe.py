@@ -46,7 +46,9 @@ flags.DEFINE_bool("use_ema", True, "Use the EMA parameters when the checkpoint h
 flags.DEFINE_string("train_split", "train", "Split the few-shot examples are drawn from.")
 flags.DEFINE_string("test_split", "test", "Held-out split the accuracy is measured on (for "
                     "--dataset=folder or latents: the test/ or val/ subfolder of --data_dir).")
-flags.DEFINE_integer("max_test", 0, "Use at most this many test examples (0 = all).")
+flags.DEFINE_integer("max_test", 0, "Use at most this many readable test examples (0 = all): a "
+                     "random subset seeded by --seed, not the first ones (an image folder lists "
+                     "its files class by class).")
 flags.DEFINE_float("l2", 1024.0, "Ridge penalty.")
 flags.DEFINE_integer("seed", 0, "Seed of the shot selection, the noise and --random_init.")
 flags.DEFINE_integer("batch_size", 256, "Images per encoder call.")
@@ -69,18 +71,14 @@ def source_labels(source):
     return np.asarray([int(source[i]["label"]) for i in range(len(source))], np.int32)
 
 
-def load_examples(source, indices, image_size: int, latent: bool):
-    """Eval-transformed images (float32 [-1, 1]) and labels of ``indices``; unreadable
-    examples (a source returning None) are dropped."""
+def load_examples(examples, image_size: int, latent: bool):
+    """Eval-transformed images (float32 [-1, 1]) and labels of readable ``examples``."""
     import numpy as np
 
     from unidiff import data as ud
 
     images, labels = [], []
-    for i in indices:
-        ex = source[int(i)]
-        if ex is None:
-            continue
+    for ex in examples:
         img = np.asarray(ex["image"], np.float32) if latent else ud.eval_image(ex["image"], image_size)
         images.append(img)
         labels.append(int(ex["label"]))
@@ -138,9 +136,17 @@ def main(argv):
         except ValueError as e:
             raise UsageError(f"--train_split/--test_split: {e}") from None
         train_labels = source_labels(train_src)
+        read = {}  # index -> example (None: unreadable), each file decoded once
+
+        def readable(i: int) -> bool:
+            if i not in read:
+                read[i] = train_src[i]
+            return read[i] is not None
+
         if FLAGS.shots:
             try:
-                train_idx = probe_lib.select_shots(train_labels, FLAGS.shots, FLAGS.seed)
+                # Unreadable picks are replaced within their class: shots stay equal.
+                train_idx = probe_lib.select_shots(train_labels, FLAGS.shots, FLAGS.seed, readable)
             except ValueError as e:
                 raise UsageError(f"--shots {FLAGS.shots}: {e}") from None
         else:
@@ -148,6 +154,8 @@ def main(argv):
         test_n = len(test_src) if not FLAGS.max_test else min(FLAGS.max_test, len(test_src))
         if test_n == 0:
             raise UsageError(f"--test_split {FLAGS.test_split}: no examples")
+        # A capped test set is a seeded random subset (class-sorted folders), of images read.
+        test_order = ud.subset_order(len(test_src), test_n, FLAGS.seed)
         if FLAGS.random_init and FLAGS.pixels:
             raise UsageError("--random_init and --pixels: pick one baseline")
         if FLAGS.pixels:
@@ -184,8 +192,10 @@ def main(argv):
         return np.concatenate(out)
 
     start = time.perf_counter()
-    tr_x, tr_y = load_examples(train_src, train_idx, trained.image_size, trained.latent)
-    te_x, te_y = load_examples(test_src, np.arange(test_n), trained.image_size, trained.latent)
+    train = (read[int(i)] if int(i) in read else train_src[int(i)] for i in train_idx)
+    tr_x, tr_y = load_examples((ex for ex in train if ex is not None), trained.image_size, trained.latent)
+    te_x, te_y = load_examples((ex for _, ex in ud.readable_examples(test_src, test_n, test_order)),
+                               trained.image_size, trained.latent)
     tr_f, te_f = featurize(tr_x, 0), featurize(te_x, 1)
     acc = probe_lib.few_shot_probe(tr_f, tr_y, te_f, te_y, l2=FLAGS.l2,
                                    num_classes=trained.dataset_classes)

@@ -301,3 +301,24 @@ def test_synthetic_deterministic():
     assert not np.array_equal(tr[0]["image"], te[0]["image"])
     with pytest.raises(IndexError):
         a[8]
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(0, 300), limit=st.integers(0, 320), seed=st.integers(0, 2**31 - 1))
+def test_subset_order_is_all_indices_and_random_when_capped(size, limit, seed):
+    order = ud.subset_order(size, limit, seed)
+    assert sorted(order.tolist()) == list(range(size))  # every index once
+    np.testing.assert_array_equal(order, ud.subset_order(size, limit, seed))  # deterministic
+    if not limit or limit >= size:
+        np.testing.assert_array_equal(order, np.arange(size))
+    elif size >= 100:
+        # A class-sorted split of 5 classes: a capped subset of 20% holds more than the
+        # first class (index order would hold only classes 0..1 of 5 at most).
+        labels = np.arange(size) * 5 // size
+        assert len(set(labels[order[: max(limit, size // 5)]].tolist())) >= 3
+
+
+def test_readable_examples_scan_in_the_given_order():
+    source = [{"label": i} if i % 3 else None for i in range(10)]  # 0, 3, 6, 9 unreadable
+    got = [i for i, _ in ud.readable_examples(source, 3, order=[9, 8, 6, 5, 4, 1])]
+    assert got == [8, 5, 4]

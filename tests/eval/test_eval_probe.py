@@ -29,6 +29,33 @@ def test_select_shots_is_exact_per_class(k, shots, extra, seed):
     np.testing.assert_array_equal(idx, select_shots(labels, shots, seed))  # deterministic
 
 
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 5), shots=st.integers(1, 4), extra=st.integers(0, 5),
+       broken=st.floats(0, 0.6), seed=st.integers(0, 99))
+def test_unreadable_shots_are_replaced_within_their_class(k, shots, extra, broken, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(k), rng.integers(shots, shots + extra + 1, size=k)))
+    ok = rng.random(labels.size) >= broken
+
+    def readable(i):
+        return bool(ok[i])
+
+    readable_per_class = np.bincount(labels[ok], minlength=k)
+    if np.any(readable_per_class < shots):
+        with pytest.raises(ValueError, match="readable train examples, fewer than shots"):
+            select_shots(labels, shots, seed, readable)
+        return
+    idx = select_shots(labels, shots, seed, readable)
+    assert np.all(ok[idx]) and len(np.unique(idx)) == idx.size and np.all(np.diff(idx) > 0)
+    np.testing.assert_array_equal(np.bincount(labels[idx], minlength=k), np.full(k, shots))
+    # Readable picks are those of the plain selection; only unreadable ones were replaced.
+    plain = select_shots(labels, shots, seed)
+    np.testing.assert_array_equal(np.intersect1d(idx, plain), plain[ok[plain]])
+    if ok.all():
+        np.testing.assert_array_equal(idx, plain)
+    np.testing.assert_array_equal(idx, select_shots(labels, shots, seed, lambda i: bool(ok[i])))
+
+
 def test_select_shots_rejects_too_few():
     with pytest.raises(ValueError, match="class 2"):
         select_shots(np.array([0, 0, 1, 1, 2]), 2)

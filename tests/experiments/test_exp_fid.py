@@ -133,7 +133,7 @@ def test_fid_end_to_end_with_random_weights(tmp_path):
 
     src = ud.build_source("digits", None, "test")
     refs = np.stack([np.clip(np.round((ud.eval_image(src[i]["image"], 16) + 1) * 127.5), 0, 255)
-                     .astype(np.uint8) for i in range(5)])
+                     .astype(np.uint8) for i in ud.subset_order(len(src), 5)[:5]])  # --max_ref's subset
     params = inc.load_inception_params(weights)
     apply = jax.jit(inc.make_inception().apply)
     with np.load(samples) as d:

@@ -93,14 +93,27 @@ def test_probe_refuses_folder_without_held_out_split(tmp_path):
 
 
 def test_probe_on_folder_with_train_and_test_subfolders(tmp_path):
+    from unidiff import data as ud
+    from unidiff.eval.probe import select_shots
+
     data = tmp_path / "split"
     _write_classes(data / "train", per_class=4, seed=0)
     _write_classes(data / "test", per_class=3, seed=1)
-    r = _result(run_binary("probe.py", [f"--workdir={_folder_workdir(tmp_path, data)}",
-                                        "--pixels", "--shots=2"]))
-    # 2 shots of each of 2 classes from train/; every one of the 6 images of test/.
+    for i in range(3):  # unreadable files among class a's train images
+        (data / "train" / "a" / f"broken{i}.png").write_bytes(b"not a png")
+    src = ud.build_source("folder", str(data), "train")
+    labels = np.asarray([src._labels[i] for i in range(len(src))])
+    picks = select_shots(labels, 2, 0)
+    assert any(src[int(i)] is None for i in picks)  # the plain pick holds a broken file
+    workdir = _folder_workdir(tmp_path, data)
+    r = _result(run_binary("probe.py", [f"--workdir={workdir}", "--pixels", "--shots=2"]))
+    # 2 readable shots of each of 2 classes from train/ (broken picks replaced within their
+    # class); every one of the 6 images of test/.
     assert (r["num_train"], r["num_test"], r["dataset"]) == (4, 6, "folder")
     assert r["top1"] == 1.0  # brightness separates the classes
+    capped = _result(run_binary("probe.py", [f"--workdir={workdir}", "--pixels", "--shots=4",
+                                             "--max_test=4"]))
+    assert (capped["num_train"], capped["num_test"]) == (8, 4)
 
 
 def test_probe_refuses_overlapping_splits(tmp_path):

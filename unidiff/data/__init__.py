@@ -32,6 +32,7 @@ from unidiff.data.sources import (
     canonical_split,
     digits_split_indices,
     readable_examples,
+    subset_order,
 )
 from unidiff.data.transforms import (
     center_crop_box,
@@ -65,6 +66,7 @@ __all__ = [
     "sample_crop_box",
     "source_info",
     "steps_per_epoch",
+    "subset_order",
     "to_unit_range",
     "train_image",
     "validate_data",

@@ -252,22 +252,36 @@ class ImageNetNpzSource:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
-def readable_examples(source, limit: int | None = None):
-    """Yield ``(index, example)`` for the source's readable examples in index order,
-    skipping unreadable ones (``None``) and stopping after ``limit`` of them (None or
-    0: all). A limit counts examples read, not indices scanned, so a few broken files
-    do not shrink an evaluation set."""
+def subset_order(size: int, limit: int = 0, seed: int = 0) -> np.ndarray:
+    """The order in which an evaluation scans a split of ``size`` examples when it wants
+    ``limit`` of them: index order when ``limit`` is 0 (all) or covers the split, else a
+    permutation seeded by ``seed``. A capped evaluation set is thus a random subset, not
+    the first ``limit`` examples, which in a class-sorted source (an image folder lists
+    its files class by class) would hold only the first classes."""
+    if limit < 0:
+        raise ValueError(f"limit: must be >= 0, got {limit}")
+    if not limit or limit >= size:
+        return np.arange(size)
+    return np.random.default_rng(seed).permutation(size)
+
+
+def readable_examples(source, limit: int | None = None, order=None):
+    """Yield ``(index, example)`` for the source's readable examples, scanning the indices
+    in ``order`` (default: index order; see ``subset_order``), skipping unreadable ones
+    (``None``) and stopping after ``limit`` of them (None or 0: all). A limit counts
+    examples read, not indices scanned, so a few broken files do not shrink an
+    evaluation set."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit: must be >= 0 or None, got {limit}")
     used = 0
-    for i in range(len(source)):
+    for i in (range(len(source)) if order is None else order):
         if limit and used == limit:
             return
-        ex = source[i]
+        ex = source[int(i)]
         if ex is None:
             continue
         used += 1
-        yield i, ex
+        yield int(i), ex
 
 
 def _rgb_uint8(im: Image.Image) -> np.ndarray:

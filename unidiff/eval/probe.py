@@ -17,7 +17,7 @@ K classes.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from jaxtyping import Float, Int
@@ -32,10 +32,17 @@ class LinearProbe(NamedTuple):
     weights: Float[np.ndarray, "d1 k"]  # last row multiplies the bias feature
 
 
-def select_shots(labels: Int[Any, "n"], shots: int, seed: int = 0) -> Int[np.ndarray, "s"]:
+def select_shots(
+    labels: Int[Any, "n"], shots: int, seed: int = 0,
+    readable: Callable[[int], bool] | None = None,
+) -> Int[np.ndarray, "s"]:
     """Indices of exactly ``shots`` random examples of every class present in ``labels``.
 
     Returned sorted ascending. ValueError if some class has fewer than ``shots`` examples.
+    With ``readable`` (index -> whether its image can be read), a picked example that
+    cannot is replaced by another of its class, drawn in a second seeded order, so that
+    every class still has exactly ``shots``; the picks are those without ``readable``
+    wherever they are readable. ValueError if a class has fewer readable examples.
     """
     y = np.asarray(labels)
     if y.ndim != 1:
@@ -43,12 +50,26 @@ def select_shots(labels: Int[Any, "n"], shots: int, seed: int = 0) -> Int[np.nda
     if not isinstance(shots, (int, np.integer)) or shots < 1:
         raise ValueError(f"shots must be an integer >= 1, got {shots!r}")
     rng = np.random.default_rng(seed)
+    spares = np.random.default_rng([seed, 1])  # its own stream: the first picks stay put
     picked = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         if idx.size < shots:
             raise ValueError(f"class {c} has only {idx.size} train examples, fewer than shots={shots}")
-        picked.append(rng.choice(idx, size=shots, replace=False))
+        pick = rng.choice(idx, size=shots, replace=False)
+        if readable is not None:
+            ok = [i for i in pick if readable(int(i))]
+            if len(ok) < shots:
+                for i in spares.permutation(np.setdiff1d(idx, pick)):
+                    if readable(int(i)):
+                        ok.append(i)
+                        if len(ok) == shots:
+                            break
+            if len(ok) < shots:
+                raise ValueError(f"class {c} has only {len(ok)} readable train examples, "
+                                 f"fewer than shots={shots}")
+            pick = np.asarray(ok, idx.dtype)
+        picked.append(pick)
     return np.sort(np.concatenate(picked))
 
 
