@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 
 import grain
 import jax
@@ -10,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from tests.e2e_helpers import read_metrics, run_binary
@@ -420,3 +423,19 @@ def test_microbatches_reach_the_train_step(tmp_path, step_configs):
                                    **{**BASE, "model": "P/2", "train_steps": 1}))
     loop.train(run)
     assert [c.microbatches for c in seen] == [4]
+
+
+@settings(max_examples=60, deadline=None)
+@given(devices=st.sampled_from([1, 2, 4, 8]), per_device=st.integers(1, 64),
+       r_t0=st.sampled_from([0.0, 0.05, 0.1, 0.25, 0.5, 0.9, 1.0]))
+def test_clean_rows_rounded_to_the_devices_are_reported(devices, per_device, r_t0):
+    """Every device takes the same split, so the clean rows are int(B * r_t0) rounded
+    down to a multiple of the devices; the run warns when that loses rows."""
+    batch = devices * per_device
+    whole = int(Fraction(str(r_t0)) * batch)
+    kept = whole // devices * devices
+    note = loop.clean_rows_warning(batch, r_t0, devices)
+    assert (note is None) == (kept == whole)
+    if note:
+        assert f"is {whole} clean rows" in note and f"so {kept} per step" in note
+        assert ("no rows at all" in note) == (kept == 0)

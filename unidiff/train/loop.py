@@ -71,6 +71,22 @@ class Run:
     data_info: Any  # unidiff.data.validate_data's answer for the training split
 
 
+def clean_rows_warning(batch_size: int, r_t0: float, num_devices: int) -> str | None:
+    """Why the clean (t = 0) rows of a step are fewer than int(batch_size * r_t0), or None.
+
+    Every device takes the same split (REFERENCE §1), so ``uc.split_batch`` rounds the
+    clean rows down to a multiple of the device count: 12 of 256 rows (r_t0 0.05) become
+    8 on 8 devices, and 3 of 64 become none on 4, which drops the clean branch entirely."""
+    whole, _ = uc.split_batch(batch_size, r_t0, 1)
+    n_clean, _ = uc.split_batch(batch_size, r_t0, num_devices)
+    if n_clean == whole:
+        return None
+    effect = ("the clean branch (t = 0) gets no rows at all" if n_clean == 0 else
+              f"an effective r_t0 of {n_clean / batch_size:.4g}")
+    return (f"r_t0 {r_t0} of batch {batch_size} is {whole} clean rows, but each of the "
+            f"{num_devices} devices takes the same number, so {n_clean} per step: {effect}")
+
+
 def recipe_for(cfg: TrainConfig) -> uc.Recipe:
     """The recipe named by ``--recipe`` with the flags' overrides; ConfigError if invalid."""
     overrides = {k: getattr(cfg, k) for k in ("r_t0", "m_t0", "m_t", "label_dropout")
@@ -516,6 +532,9 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
              cfg.model, cfg.resolved_arch(), n_params / 1e6, cfg.recipe, run.num_devices,
              cfg.batch_size, f" in {cfg.microbatches} microbatches" if cfg.microbatches > 1 else "",
              run.total_steps)
+    rounded = clean_rows_warning(cfg.batch_size, run.recipe.r_t0, run.num_devices)
+    if rounded:
+        log.warning("%s", rounded)
 
     last: dict = {}
     window_start, window_steps = time.perf_counter(), 0
