@@ -110,13 +110,20 @@ def test_sigterm_saves_and_exits_zero(tmp_path, tiny_args):
     began = json.loads((workdir / "config.json").read_text())
     assert began["resolved"]["recipe"] == dataclasses.asdict(uc.recipes.get("umd"))
     assert began["resolved"]["model"]["image_size"] == 8
+    assert began["resolved"]["num_devices"] == 1
+    # As if the steps so far had run on 8 devices: each takes the same split, so batch 8's
+    # 4 clean rows were 0 there. The resume on 1 device says the objective changed.
+    began["resolved"]["num_devices"] = 8
+    (workdir / "config.json").write_text(json.dumps(began))
     more = run_binary("pretrain.py", [*tiny_args, f"--train_steps={last + 1}", "--ckpt_every=100000",
                                       "--base_lr=2e-3", "--label_dropout=0.25", f"--workdir={workdir}"])
     assert ("changed flags (base_lr 0.001 -> 0.002, train_steps 100000 -> "
             f"{last + 1}, label_dropout 0.0 -> 0.25)") in more.stdout + more.stderr
+    assert (f"resuming at step {last}: the steps so far ran on 8 devices with 0 clean (t = 0) rows "
+            "per step; on 1 device the same batch 8 and r_t0 0.5 give 4") in more.stdout + more.stderr
     kept = json.loads((workdir / f"config.step{last}.json").read_text())
     now = json.loads((workdir / "config.json").read_text())
     assert kept == began and (kept["base_lr"], kept["train_steps"]) == (1e-3, 100000)
     assert (now["base_lr"], now["train_steps"]) == (2e-3, last + 1)
-    assert now["resolved"]["recipe"]["label_dropout"] == 0.25
+    assert now["resolved"]["recipe"]["label_dropout"] == 0.25 and now["resolved"]["num_devices"] == 1
     assert max(m["step"] for m in read_metrics(workdir)) == last + 1

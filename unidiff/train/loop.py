@@ -87,6 +87,27 @@ def clean_rows_warning(batch_size: int, r_t0: float, num_devices: int) -> str | 
             f"{num_devices} devices takes the same number, so {n_clean} per step: {effect}")
 
 
+def _device_change_warning(old: dict[str, Any], batch_size: int, r_t0: float,
+                           num_devices: int) -> str | None:
+    """Why a resume on ``num_devices`` trains with other clean rows per step than the
+    steps recorded in ``old`` (a config.json) did on theirs, or None (same rows, or a
+    record without a device count)."""
+    record = old.get("resolved")
+    then = record.get("num_devices") if isinstance(record, dict) else None
+    if isinstance(then, bool) or not isinstance(then, int) or then < 1 or then == num_devices:
+        return None
+    try:
+        was = uc.split_batch(batch_size, r_t0, then)[0]
+    except ValueError:  # a batch the old device count does not divide: not comparable
+        return None
+    now = uc.split_batch(batch_size, r_t0, num_devices)[0]
+    if was == now:
+        return None
+    devices = lambda n: f"{n} device{'s' if n != 1 else ''}"  # noqa: E731
+    return (f"the steps so far ran on {devices(then)} with {was} clean (t = 0) rows per step; "
+            f"on {devices(num_devices)} the same batch {batch_size} and r_t0 {r_t0} give {now}")
+
+
 def recipe_for(cfg: TrainConfig) -> uc.Recipe:
     """The recipe named by ``--recipe`` with the flags' overrides; ConfigError if invalid."""
     overrides = {k: getattr(cfg, k) for k in ("r_t0", "m_t0", "m_t", "label_dropout")
@@ -518,8 +539,13 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
             log.warning("%s records only flags, not what they resolved to (written by an older "
                         "unidiff): the steps from %d on train with recipe %s", config_path, start,
                         resolved["recipe"])
+        moved = _device_change_warning(old, cfg.batch_size, run.recipe.r_t0, run.num_devices)
+        if moved:
+            log.warning("resuming at step %d: %s", start, moved)
         # Only now: a restore that fails leaves config.json describing the checkpoints.
-        ckpt_lib.write_json_atomic(config_path, {**cfg.to_json(), "resolved": resolved})
+        # The device count is recorded because it decides the clean rows per step.
+        ckpt_lib.write_json_atomic(config_path, {**cfg.to_json(),
+                                                 "resolved": {**resolved, "num_devices": run.num_devices}})
         # Records past the checkpoint (all of them on a fresh start: a run killed before
         # its first checkpoint) are re-logged by the steps that follow.
         _truncate_metrics(metrics_path, start)
