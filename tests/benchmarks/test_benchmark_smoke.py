@@ -149,7 +149,7 @@ def test_mfu_divides_by_the_peak_of_every_device(tmp_path):
     assert (rec["num_devices"], rec["batch_size"]) == (2, 8)
 
 
-@pytest.mark.parametrize("args,needles", [
+BAD_FLAGS = [  # (args, substrings of stderr)
     (["--recipes=dit,nope"], ("--recipes", "nope")),
     (["--model=N/0"], ("--model", "N/0")),
     (["--model=N/2", "--image_size=9"], ("--image_size 9",)),
@@ -160,13 +160,19 @@ def test_mfu_divides_by_the_peak_of_every_device(tmp_path):
     (["--recipes=dit,umd", "--si_position=1"], ("--si_position", "mdt architecture")),
     (["--recipes=dit", "--batch_size=8", "--microbatches=3"], ("--microbatches 3", "not divisible")),
     (["--recipes=umd", "--batch_size=8", "--microbatches=8"], ("--microbatches 8", "4 clean")),
-])
-def test_bad_flag_names_the_flag(tmp_path, args, needles):
-    proc = _run(tmp_path, *(a.format(tmp=tmp_path) for a in args), "--steps=1")
-    assert proc.returncode != 0
-    for needle in needles:
-        assert needle in proc.stderr, proc.stderr[-2000:]
-    assert "matmul peak" not in proc.stdout  # refused before anything was measured
+]
+
+
+def test_bad_flag_names_the_flag(tmp_path):
+    # Started together: each is a Python start-up and jax import, one after the other
+    # they took about 2 s apiece.
+    procs = communicate_all([_start(tmp_path, *(a.format(tmp=tmp_path) for a in args), "--steps=1")
+                             for args, _ in BAD_FLAGS])
+    for (args, needles), proc in zip(BAD_FLAGS, procs):
+        assert proc.returncode != 0, args
+        for needle in needles:
+            assert needle in proc.stderr, (args, proc.stderr[-2000:])
+        assert "matmul peak" not in proc.stdout, args  # refused before anything was measured
 
 
 @pytest.fixture(scope="module")
