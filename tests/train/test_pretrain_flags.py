@@ -35,6 +35,7 @@ CASES = [
     (dict(dataset="folder"), "--data_dir"),
     (dict(train_steps=0), "--train_steps"),
     (dict(compute_dtype="float16"), "--compute_dtype"),
+    (dict(schedule="quadratic"), "--schedule: got 'quadratic', expected one of auto, cosine, linear"),
     (dict(num_devices=4), "--num_devices"),
     (dict(microbatches=0), "--microbatches: must be >= 1"),
     (dict(microbatches=3), "--microbatches 3: batch_size=8 is not divisible by 1 devices x 3"),
@@ -151,6 +152,7 @@ def _info(cfg):
     (dict(recipe="mdt", si_position=-2), dict(recipe="mdt", arch="mdt")),
     (dict(), dict(arch="umd", num_cls_tokens=4, r_t0=0.5, m_t0=0.75, m_t=0.375)),
     (dict(m_t=0.375), dict()),
+    (dict(), dict(schedule="cosine")),  # pixels: auto is the recipe's cosine
 ])
 def test_resume_compares_what_the_flags_build_not_their_spelling(tmp_path, recorded, began, now):
     """Before, an MDT run started without --si_position could not be resumed with
@@ -169,6 +171,23 @@ def test_resume_still_refuses_a_flag_that_builds_another_model(tmp_path, recorde
         loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "recipe": "mdt", "si_position": -1}))
     with pytest.raises(ConfigError, match="--m_t: 0.5 differs from None"):
         loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "recipe": "mdt", "m_t": 0.5}))
+    with pytest.raises(ConfigError, match="--schedule: 'cosine' differs from 'auto'"):
+        loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "recipe": "mdt", "schedule": "cosine"}))
+
+
+@pytest.mark.parametrize("recipe,pixels", [("umd", "cosine"), ("umd_finetune", "cosine"), ("dit", "cosine"),
+                                           ("maskdit", "cosine"), ("mae", "cosine"), ("mdt", "linear"),
+                                           ("usp", "linear")])
+def test_latents_train_on_the_linear_schedule(recipe, pixels):
+    """REFERENCE §1: pixels use cosine, latents linear (UMD Table 4; DiT, MDT and USP train
+    SD-VAE latents on DDPM's linear betas). --schedule overrides either way."""
+    def schedule(**flags):
+        return loop.recipe_for(TrainConfig(workdir="-", recipe=recipe, train_steps=1, **flags)).schedule
+
+    assert schedule(dataset="synthetic") == pixels
+    assert schedule(dataset="latents") == "linear"
+    assert schedule(dataset="latents", schedule="cosine") == "cosine"
+    assert schedule(dataset="synthetic", schedule="linear") == "linear"
 
 
 @pytest.mark.parametrize("part,field,then", [("recipe", "m_t", 0.5), ("recipe", "schedule", "linear"),

@@ -13,6 +13,7 @@ from collections.abc import Collection
 from typing import Any
 
 RECIPES = ("umd", "umd_finetune", "mae", "dit", "maskdit", "mdt", "usp")
+SCHEDULES = ("auto", "cosine", "linear")
 ARCHS = ("auto", "umd", "umd_no_adaln", "mae", "mdt", "maskdit", "dit", "dit_affine")
 # The UMD paper runs every baseline on the same encoder-decoder, MAE without AdaLN;
 # USP is MAE with MAE's own 512x8 decoder; MDT needs its side-interpolater.
@@ -76,6 +77,7 @@ class TrainConfig:
     m_t0: float | None = None
     m_t: float | None = None
     label_dropout: float | None = None
+    schedule: str = "auto"  # auto = linear on latents (REFERENCE §1), else the recipe's own
     class_conditional: bool = False
     num_cls_tokens: int = -1  # -1 = the architecture's default
     si_position: int | None = None  # --arch mdt only; None = MDT's -2
@@ -136,6 +138,8 @@ class TrainConfig:
             fail("r_t0", f"must be in [0, 1], got {self.r_t0}")
         if self.label_dropout is not None and not 0.0 <= self.label_dropout <= 1.0:
             fail("label_dropout", f"must be in [0, 1], got {self.label_dropout}")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"got {self.schedule!r}, expected one of {', '.join(SCHEDULES)}")
         if not 0.0 < self.crop_area_min <= self.crop_area_max <= 1.0:
             fail("crop_area_min", "need 0 < crop_area_min <= crop_area_max <= 1, got "
                  f"{self.crop_area_min}, {self.crop_area_max}")
@@ -165,7 +169,7 @@ class TrainConfig:
 
     # Changing these under an existing workdir would silently corrupt a resumed run.
     RESUME_KEYS = ("recipe", "arch", "model", "dataset", "image_size", "batch_size",
-                   "r_t0", "m_t0", "m_t", "class_conditional", "num_cls_tokens",
+                   "r_t0", "m_t0", "m_t", "schedule", "class_conditional", "num_cls_tokens",
                    "si_position", "compute_dtype", "seed")
 
     # Whether these are on decides the checkpoint's structure (EMA parameters; the clip's

@@ -112,6 +112,12 @@ def recipe_for(cfg: TrainConfig) -> uc.Recipe:
     """The recipe named by ``--recipe`` with the flags' overrides; ConfigError if invalid."""
     overrides = {k: getattr(cfg, k) for k in ("r_t0", "m_t0", "m_t", "label_dropout")
                  if getattr(cfg, k) is not None}
+    # Pixels use cosine, latents linear (REFERENCE §1, UMD Table 4); MDT's and USP's own
+    # recipes are linear already.
+    if cfg.schedule != "auto":
+        overrides["schedule"] = cfg.schedule
+    elif cfg.dataset == "latents":
+        overrides["schedule"] = "linear"
     try:
         return uc.recipes.get(cfg.recipe).replace(**overrides)
     except ValueError as e:
@@ -152,7 +158,7 @@ def model_config_for(cfg: TrainConfig, image_size: int, channels: int, num_class
 # compares what they build, not how they are spelled: --si_position=-2 resumes a run that
 # left MDT's default, --arch=umd one that said auto.
 MODEL_FLAGS = ("arch", "model", "image_size", "num_cls_tokens", "si_position")
-RECIPE_FLAGS = ("r_t0", "m_t0", "m_t")
+RECIPE_FLAGS = ("r_t0", "m_t0", "m_t", "schedule")
 
 
 def resolve(cfg: TrainConfig, info: Any) -> tuple[Any, uc.Recipe]:
@@ -177,7 +183,8 @@ def resolved_record(model_config: Any, recipe: uc.Recipe) -> dict[str, Any]:
 
 # What a "resolved" record must hold to be compared at all: the model's shape (every
 # record has had these; listed, not derived from ModelConfig, so that a field added later
-# does not turn old records into malformed ones) and the masking that RECIPE_FLAGS set.
+# does not turn old records into malformed ones) and the masking and schedule that
+# RECIPE_FLAGS set.
 # A record without them would compare equal to any model or masking (only keys both
 # sides have are compared) and so let every model and masking flag change.
 _RECORD_KEYS = {
