@@ -77,9 +77,10 @@ def main(argv):
                                   f"--recipe must be dit (got {FLAGS.recipe})")
             fixed.update(arch="dit_affine", num_cls_tokens=-1, si_position=None)
         run = loop.prepare(cli.config_from_flags(FLAGS, **fixed))
-        if FLAGS.transfer_to_dit and ckpt_lib.latest_step(run.cfg.workdir) is None:
-            pretraining_model(run)  # refuses a pretraining that cannot fill this DiT
-
+        # A fresh start refuses here a pretraining that cannot fill this DiT, and its
+        # initialisation reuses the model built for the check (a resume needs neither).
+        source = (pretraining_model(run) if FLAGS.transfer_to_dit
+                  and ckpt_lib.latest_step(run.cfg.workdir) is None else None)
     except (ConfigError, ValueError) as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
@@ -105,10 +106,10 @@ def main(argv):
     def transfer_init(model, key, pretrained, step):
         from unidiff import models as um
 
-        source = pretraining_model(run)
         try:
-            params, copied = um.encoder_into_dit(pretrained, source, model.config,
-                                                 jax.jit(model.init)(key))
+            # pretraining_model only if the workdir lost its checkpoint since main checked.
+            params, copied = um.encoder_into_dit(pretrained, source or pretraining_model(run),
+                                                 model.config, jax.jit(model.init)(key))
         except ValueError as e:  # a checkpoint that is not what its config.json says
             raise loop.TrainingError(f"--init_from {FLAGS.init_from}: step {step} cannot "
                                      f"initialise the DiT: {e}") from None
