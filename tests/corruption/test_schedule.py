@@ -28,8 +28,10 @@ def cosine_closed_form(T: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def linear_closed_form(T: int) -> tuple[np.ndarray, np.ndarray]:
-    """DDPM's linear betas from 1e-4 to 0.02 over T steps, plus the clean step."""
-    noisy = [1e-4 if T == 1 else 1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)]
+    """DDPM's linear betas from 1e-4 to 0.02 at T = 1000, scaled by 1000 / T for other T
+    and clipped at 0.999, plus the clean step."""
+    lo, hi = 0.1 / T, 20.0 / T
+    noisy = [min(lo if T == 1 else lo + (hi - lo) * i / (T - 1), 0.999) for i in range(T)]
     betas = [0.0] + noisy
     abar, prod = [], 1.0
     for b in betas:
@@ -60,6 +62,25 @@ def test_cosine_alpha_bar_is_f_ratio_where_unclipped():
     f = np.cos(((t / T + s) / (1 + s)) * np.pi / 2) ** 2
     abar = np.asarray(uc.make_schedule("cosine", T).alphas_cumprod)
     np.testing.assert_allclose(abar[: T - 1], (f / f[0])[: T - 1], rtol=1e-4, atol=1e-10)
+
+
+@SETTINGS
+@given(T=st.integers(50, 4000))
+def test_linear_schedule_ends_in_noise_for_any_T(T):
+    """The linear line is scaled by 1000 / T, so x_T is noise for every T: the betas sum
+    to (0.1 + 20) / 2 = 10.05 whatever T is, and since -log(1 - b) >= b, alpha_bar_T <=
+    exp(-10.05) (unscaled, T = 50 ended at alpha_bar_T = 0.6). For T >= 200 the betas are
+    small enough that -log alpha_bar_T is within 2% of T = 1000's."""
+    sched = uc.make_schedule("linear", T)
+    abar = np.asarray(sched.alphas_cumprod, np.float64)
+    ref = np.asarray(uc.make_schedule("linear", 1000).alphas_cumprod, np.float64)
+    np.testing.assert_allclose(np.asarray(sched.betas, np.float64)[1:].sum(), 10.05, rtol=1e-5)
+    assert abar[-1] <= np.exp(-10.05) * (1 + 1e-4)
+    if T >= 200:
+        assert abs(np.log(abar[-1]) / np.log(ref[-1]) - 1) < 0.02
+    # At T = 1000 the line is DDPM's own, unscaled.
+    np.testing.assert_allclose(np.asarray(uc.make_schedule("linear", 1000).betas)[[1, -1]],
+                               [1e-4, 0.02], rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear"])

@@ -39,12 +39,24 @@ def _cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> 
     return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
 
 
-def _linear_betas(num_steps: int, start: float = 1e-4, end: float = 0.02) -> np.ndarray:
-    return np.linspace(start, end, num_steps, dtype=np.float64)
+def _linear_betas(
+    num_steps: int, start: float = 1e-4, end: float = 0.02, max_beta: float = 0.999
+) -> np.ndarray:
+    # DDPM's endpoints are for T = 1000. Scaled by 1000 / T (as improved DDPM does), the
+    # betas sum to about 10 for any T, so alpha_bar_T stays near 4e-5 and x_T is noise;
+    # unscaled, T = 50 would end at alpha_bar_T = 0.6. Clipped like the cosine betas,
+    # since below T = 50 the scaled end passes 1.
+    scale = 1000.0 / num_steps
+    return np.minimum(np.linspace(scale * start, scale * end, num_steps, dtype=np.float64),
+                      max_beta)
 
 
 def make_schedule(kind: str = "cosine", num_steps: int = 1000) -> Schedule:
-    """Build a schedule: ``"cosine"`` (pixels) or ``"linear"`` (latents)."""
+    """Build a schedule: ``"cosine"`` (pixels) or ``"linear"`` (latents).
+
+    ``"linear"`` is DDPM's linspace(1e-4, 0.02, T) at T = 1000 and the same line scaled
+    by 1000 / T otherwise (betas clipped at 0.999), so every T ends near pure noise.
+    """
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"unknown schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
