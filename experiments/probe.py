@@ -197,8 +197,13 @@ def main(argv):
     te_x, te_y = load_examples((ex for _, ex in ud.readable_examples(test_src, test_n, test_order)),
                                trained.image_size, trained.latent)
     tr_f, te_f = featurize(tr_x, 0), featurize(te_x, 1)
-    acc = probe_lib.few_shot_probe(tr_f, tr_y, te_f, te_y, l2=FLAGS.l2,
-                                   num_classes=trained.dataset_classes)
+    try:
+        acc = probe_lib.few_shot_probe(tr_f, tr_y, te_f, te_y, l2=FLAGS.l2,
+                                       num_classes=trained.dataset_classes)
+    except probe_lib.NonFiniteFeaturesError as e:
+        source = "the images" if FLAGS.pixels else f"the encoder of {FLAGS.workdir} step {step}"
+        print(f"probe.py: error: {e}: {source} gave them (a diverged checkpoint?)", file=sys.stderr)
+        return 1
     if FLAGS.pixels:
         what = "raw pixels"
     elif FLAGS.random_init:

@@ -88,20 +88,33 @@ def parse_labels(text: str, num_classes: int) -> list[int] | None:
     return out
 
 
-def check_flags(num_classes: int, num_steps: int, has_x0_head: bool) -> None:
+def check_flags(num_classes: int, num_steps: int, has_x0_head: bool, recipe=None) -> None:
+    """Every flag against the trained run, before any parameters are read. ``recipe`` is
+    the run's ``unidiff.corruption.Recipe`` (None skips the checks that need it)."""
+    if recipe is not None and recipe.r_t0 >= 1.0:
+        raise UsageError(f"--workdir: recipe {recipe.name} trained only the clean step (r_t0 = 1, "
+                         "no noise), so it cannot denoise; finetune it first (finetune.py, or "
+                         "--transfer_to_dit for a USP run)")
     if FLAGS.num_samples < 1:
         raise UsageError(f"--num_samples: must be >= 1, got {FLAGS.num_samples}")
     if FLAGS.batch_size < 1:
         raise UsageError(f"--batch_size: must be >= 1, got {FLAGS.batch_size}")
     if not 1 <= FLAGS.steps <= num_steps:
         raise UsageError(f"--steps: must be in [1, T = {num_steps}], got {FLAGS.steps}")
-    if not (math.isfinite(FLAGS.eta) and FLAGS.eta >= 0):
-        raise UsageError(f"--eta: must be a finite number >= 0, got {FLAGS.eta}")
+    if not 0.0 <= FLAGS.eta <= 1.0:  # NaN fails too
+        raise UsageError(f"--eta: must be in [0, 1] (0 deterministic DDIM, 1 ancestral-like), "
+                         f"got {FLAGS.eta}")
     if not (math.isfinite(FLAGS.guidance) and FLAGS.guidance >= 0):
         raise UsageError(f"--guidance: must be a finite number >= 0, got {FLAGS.guidance}")
     if num_classes == 0 and FLAGS.guidance != 1.0:
         raise UsageError(f"--guidance {FLAGS.guidance}: classifier-free guidance needs a "
                          "class-conditional model (finetune.py); use --guidance=1")
+    if (num_classes and FLAGS.guidance != 1.0 and recipe is not None
+            and not recipe.label_dropout > 0):
+        raise UsageError(f"--guidance {FLAGS.guidance}: the run trained with label dropout "
+                         f"{recipe.label_dropout}, so its null label never stood in for a class "
+                         "on noisy steps and the unconditional prediction is untrained; use "
+                         "--guidance=1, or train with --label_dropout > 0")
     if not (math.isfinite(FLAGS.guidance_power) and FLAGS.guidance_power > 0):
         raise UsageError(f"--guidance_power: must be a finite number > 0, got {FLAGS.guidance_power}")
     if FLAGS.head == "x0" and not has_x0_head:
@@ -165,7 +178,8 @@ def main(argv):
         use_compilation_cache(FLAGS.compilation_cache_dir)
         trained = wd.load_workdir(FLAGS.workdir, FLAGS.data_dir)
         cfg = trained.model.config
-        check_flags(trained.num_classes, trained.schedule.num_steps, cfg.output == "x0_eps")
+        check_flags(trained.num_classes, trained.schedule.num_steps, cfg.output == "x0_eps",
+                    trained.recipe)
         label_list = parse_labels(FLAGS.labels, trained.num_classes)
         out_png, out_npz = output_paths(FLAGS.workdir)
         params, step = wd.load_params(trained, FLAGS.use_ema)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unidiff.eval.probe import fit_probe, few_shot_probe, predict, select_shots
+from unidiff.eval.probe import NonFiniteFeaturesError, fit_probe, few_shot_probe, predict, select_shots
 
 
 def _blobs(rng, n_per_class, k, d, sep=8.0):
@@ -114,3 +114,19 @@ def test_probe_rejects_bad_shapes():
     probe = fit_probe(np.random.default_rng(0).standard_normal((6, 2)), np.array([0, 1] * 3), 2)
     with pytest.raises(ValueError, match="feats"):
         predict(probe, np.zeros((3, 5)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+       where=st.sampled_from(["train", "test"]), rows=st.integers(1, 3))
+def test_non_finite_features_are_refused_not_scored(seed, bad, where, rows):
+    """NaN scores argmax to class 0, so an unchecked probe reports chance accuracy for a
+    diverged encoder; the probe must refuse, naming the split and the bad rows."""
+    rng = np.random.default_rng(seed)
+    x, y = _blobs(rng, 5, 3, 4)
+    xv, yv = _blobs(rng, 4, 3, 4)
+    target = x if where == "train" else xv
+    picked = rng.choice(target.shape[0], rows, replace=False)
+    target[picked, rng.integers(0, 4, rows)] = bad
+    with pytest.raises(NonFiniteFeaturesError, match=f"{where} features are not finite in {rows} of"):
+        few_shot_probe(x, y, xv, yv, num_classes=3)

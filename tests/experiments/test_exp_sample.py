@@ -76,7 +76,23 @@ BAD = [
     ("ft", ["--out={tmp}/d.png"], ("--out", "is a folder")),
     ("ft", ["--guidance=2", "--guidance_schedule=power_cosine", "--guidance_power=nan"], "--guidance_power"),
     ("missing", [], "--workdir"),
+    ("ft", ["--eta=1.5"], ("--eta", "[0, 1]")),
+    # A run that never saw a noisy step cannot denoise (MAE, USP: r_t0 = 1).
+    ("clean_only", [], ("--workdir", "only the clean step", "r_t0 = 1")),
+    # Guidance needs a null label trained in place of classes on noisy steps.
+    ("no_dropout", ["--guidance=2"], ("--guidance", "label dropout 0.0")),
 ]
+
+
+def _edited_config(src, dst, flags: dict, recipe: dict):
+    """dst/config.json: src's, with training flags and the resolved recipe edited (no
+    checkpoint: sample.py must refuse before it looks for one)."""
+    dst.mkdir()
+    raw = json.loads((src / "config.json").read_text())
+    raw.update(flags)
+    raw["resolved"]["recipe"].update(recipe)
+    (dst / "config.json").write_text(json.dumps(raw))
+    return dst
 
 
 def test_bad_input_exits_with_one_line_naming_the_flag(tiny_pretrained, tiny_finetuned, tmp_path):
@@ -86,7 +102,11 @@ def test_bad_input_exits_with_one_line_naming_the_flag(tiny_pretrained, tiny_fin
     (tmp_path / "d.png").mkdir()
     (tmp_path / "d.npz").write_bytes(b"an earlier result")
     dirs = {"ft": tiny_finetuned, "pre": tiny_pretrained, "nockpt": nockpt,
-            "missing": tmp_path / "does_not_exist"}
+            "missing": tmp_path / "does_not_exist",
+            "clean_only": _edited_config(tiny_pretrained, tmp_path / "clean_only",
+                                         {"r_t0": 1.0}, {"r_t0": 1.0}),
+            "no_dropout": _edited_config(tiny_finetuned, tmp_path / "no_dropout",
+                                         {"label_dropout": 0.0}, {"label_dropout": 0.0})}
     # Started together: each fails before compiling anything.
     procs = [
         (case, subprocess.Popen(

@@ -225,8 +225,9 @@ def test_sampler_rejects_bad_input():
         ddim_sample(den, s, key, SHAPE, steps=5, head="v")
     with pytest.raises(ValueError, match="labels"):
         ddim_sample(den, s, key, SHAPE, jnp.zeros((3,), jnp.int32), steps=5)
-    with pytest.raises(ValueError, match="eta"):
-        ddim_sample(den, s, key, SHAPE, steps=5, eta=-1.0)
+    for eta in (-1.0, 1.5, float("nan")):  # DDIM's eta lives in [0, 1]
+        with pytest.raises(ValueError, match="eta"):
+            ddim_sample(den, s, key, SHAPE, steps=5, eta=eta)
     with pytest.raises(ValueError, match="steps"):
         ddim_sample(den, s, key, SHAPE, steps=101)
     with pytest.raises(ValueError, match="eps_pred=None"):  # raised while tracing

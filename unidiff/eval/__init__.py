@@ -20,11 +20,19 @@ from unidiff.eval.inception import (
     random_params,
     save_inception_params,
 )
-from unidiff.eval.probe import LinearProbe, few_shot_probe, fit_probe, predict, select_shots
+from unidiff.eval.probe import (
+    LinearProbe,
+    NonFiniteFeaturesError,
+    few_shot_probe,
+    fit_probe,
+    predict,
+    select_shots,
+)
 
 __all__ = [
     "InceptionOutput",
     "LinearProbe",
+    "NonFiniteFeaturesError",
     "RunningStats",
     "feature_stats",
     "few_shot_probe",

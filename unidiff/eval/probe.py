@@ -78,6 +78,19 @@ def _design(x: np.ndarray, mean: np.ndarray, std: np.ndarray, bias: float) -> np
     return np.concatenate([z, np.full((z.shape[0], 1), bias)], axis=1)
 
 
+class NonFiniteFeaturesError(ValueError):
+    """Features with NaN or inf: a ridge solve over them gives NaN scores, whose argmax is
+    class 0, so the accuracy would read as chance instead of failing."""
+
+
+def _check_finite(x: np.ndarray, which: str) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        rows = int(bad.any(axis=1).sum())
+        raise NonFiniteFeaturesError(f"{which} features are not finite in {rows} of {x.shape[0]} "
+                                     "rows (NaN or inf)")
+
+
 def fit_probe(
     feats: Float[Any, "n d"],
     labels: Int[Any, "n"],
@@ -95,6 +108,7 @@ def fit_probe(
         raise ValueError(f"l2 must be >= 0, got {l2}")
     if y.size == 0 or y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, num_classes = {num_classes})")
+    _check_finite(x, "train")
     mean = x.mean(axis=0)
     std = x.std(axis=0) + STD_EPS
     design = _design(x, mean, std, bias)
@@ -114,6 +128,7 @@ def predict(probe: LinearProbe, feats: Float[Any, "m d"], bias: float = BIAS_FEA
     x = np.asarray(feats, np.float64)
     if x.ndim != 2 or x.shape[1] != probe.mean.shape[0]:
         raise ValueError(f"feats must be (M, {probe.mean.shape[0]}), got {x.shape}")
+    _check_finite(x, "test")
     return np.argmax(_design(x, probe.mean, probe.std, bias) @ probe.weights, axis=1)
 
 

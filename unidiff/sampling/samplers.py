@@ -88,11 +88,13 @@ def _check_common(head: str, shape: Sequence[int], labels, eta: float = 0.0) -> 
     if labels is not None and tuple(jnp.shape(labels)) != (shape[0],):
         raise ValueError(f"labels must have shape ({shape[0]},), got {tuple(jnp.shape(labels))}")
     try:
-        ok = math.isfinite(float(eta)) and float(eta) >= 0
+        ok = 0.0 <= float(eta) <= 1.0
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"eta must be a finite Python number >= 0 (static), got {eta!r}")
+        # Above 1, sigma_t^2 can pass 1 - alpha_bar_s: the update has no direction term left
+        # to give back and the samples come out too wide (DDIM's eta is in [0, 1]).
+        raise ValueError(f"eta must be a Python number in [0, 1] (static), got {eta!r}")
 
 
 def _prepare(denoise_fn, schedule, guidance: Optional[GuidanceSpec], labels):
