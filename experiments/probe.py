@@ -131,8 +131,8 @@ def main(argv):
                              "images it was not fit on")
         try:
             # A folder or latents data_dir without a test/ subfolder refuses 'test' here.
-            train_src = ud.build_source(trained.cfg.dataset, trained.data_dir, splits[0])
-            test_src = ud.build_source(trained.cfg.dataset, trained.data_dir, splits[1])
+            train_src = ud.build_source(trained.cfg.dataset, trained.data_dir, FLAGS.train_split)
+            test_src = ud.build_source(trained.cfg.dataset, trained.data_dir, FLAGS.test_split)
         except ValueError as e:
             raise UsageError(f"--train_split/--test_split: {e}") from None
         train_labels = source_labels(train_src)

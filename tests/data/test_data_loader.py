@@ -169,6 +169,31 @@ def test_unreadable_images_are_skipped_and_counted(folder_dir):
     assert got == 2 * n_good and it.num_skipped == 2 * n_bad
 
 
+class _Unreadable:
+    """A source whose examples all fail to decode (as a folder of git-lfs pointers)."""
+
+    channels, num_classes, latent, image_shape = 3, 2, False, (8, 8, 3)
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return None
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_nothing_readable_is_an_error_not_an_endless_skip(n):
+    """The training stream repeats, so skipping unreadable examples never ended when none
+    was readable: no batch, no error, a log growing without bound."""
+    it = loader(_Unreadable(n), batch_size=2, seed=0, image_size=8)
+    with pytest.raises(ud.DataError, match=f"{n + 1} unreadable examples in a row, more than the {n}"):
+        next(it)
+    assert it.num_skipped == n + 1
+
+
 def test_skip_count_survives_state_round_trip(folder_dir):
     root, _ = folder_dir
     src = ud.build_source("folder", root, "train")

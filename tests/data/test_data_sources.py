@@ -143,6 +143,36 @@ def test_folder_held_out_split_numbers_classes_as_train_does(tmp_path, held_out)
     assert ud.validate_data("folder", str(tmp_path), "test").num_classes == 3
 
 
+@pytest.mark.parametrize("dataset", ["folder", "latents"])
+def test_val_reads_val_where_test_exists_too(tmp_path, fakes, dataset):
+    """'val' and 'validation' used to be read as 'test', so on a train/ val/ test/ tree a
+    probe or FID tuned on val/ was scored on test/. Each held-out name reads its own folder;
+    a synonym stands in only where the asked folder does not exist."""
+    value = {"a": 10, "b": 120}
+    marks = {"train": 1, "val": 2, "test": 3}
+    for split, mark in marks.items():
+        if dataset == "folder":
+            _png_classes(tmp_path / split, ["a", "b"], {k: v + mark for k, v in value.items()})
+        else:
+            (tmp_path / split).mkdir()
+            lat, _ = fakes.write_latents(str(tmp_path / split), n=3)
+            np.save(tmp_path / split / "latents.npy", np.full_like(lat, mark))
+
+    def mark_of(split):
+        src = ud.build_source(dataset, str(tmp_path), split)
+        got = {float(src[i]["image"].flat[0]) for i in range(len(src))}
+        return {(g - 10) % 110 if dataset == "folder" else g for g in got}
+
+    assert mark_of("val") == mark_of("validation") == {2}
+    assert mark_of("test") == {3} and mark_of("train") == {1}
+    os.rename(tmp_path / "val", tmp_path / "validation")
+    assert mark_of("val") == {2}  # its synonym's folder
+    import shutil
+
+    shutil.rmtree(tmp_path / "validation")
+    assert mark_of("val") == {3}  # no val folder at all: the held-out test/ stands in
+
+
 def test_folder_held_out_class_unknown_to_train_is_refused(tmp_path):
     value = {"a": 10, "b": 120, "z": 230}
     _png_classes(tmp_path / "train", ["a", "b"], value)

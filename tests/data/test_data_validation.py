@@ -75,6 +75,26 @@ def test_folder_bad_layouts(tmp_path):
     expect_error(lambda: ud.validate_data("folder", str(flat)), str(flat / "cls"), "no .jpg")
 
 
+def test_folder_of_undecodable_files_is_refused_up_front(tmp_path):
+    """Files that only look like images (git-lfs pointers) passed validation, which lists
+    but never decodes, and training then skipped through the repeating stream forever."""
+    from PIL import Image
+
+    root = tmp_path / "lfs"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(20):
+            (root / cls / f"{i}.png").write_text("version https://git-lfs.github.com/spec/v1\n")
+    expect_error(lambda: ud.validate_data("folder", str(root)), f"--data_dir={root}",
+                 "none of 16 sampled images", "could be decoded")
+    # A decodable file among the sampled ones is enough: the loader skips and counts the
+    # rest (here half of them are real images).
+    for i in range(10):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "a" / f"{i}.png")
+    info = ud.validate_data("folder", str(root))
+    assert info.num_examples == 40
+
+
 def test_cifar_bad_files(tmp_path, fakes):
     d = tmp_path / "c"
     d.mkdir()
@@ -111,6 +131,9 @@ def test_latent_bad_files(tmp_path):
     expect_error(lambda: ud.validate_data("latents", str(d)), str(d / "labels.npy"))
     os.remove(d / "labels.npy")
     assert ud.validate_data("latents", str(d)) == (4, 4, 0, 3)
+    # A non-square grid was accepted here and failed when the loader started.
+    np.save(d / "latents.npy", np.zeros((3, 4, 8, 4), np.float32))
+    expect_error(lambda: ud.validate_data("latents", str(d)), str(d / "latents.npy"), "square")
 
 
 def test_loader_argument_errors(folder_dir):

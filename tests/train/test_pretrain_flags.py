@@ -165,6 +165,19 @@ def test_resume_compares_what_the_flags_build_not_their_spelling(tmp_path, recor
 
 
 @pytest.mark.parametrize("recorded", [True, False])
+@pytest.mark.parametrize("then,now", [(0, 2), (2, 0), (2, 3)])
+def test_resume_refuses_another_worker_count_up_front(tmp_path, recorded, then, now):
+    """Grain's saved loader position has a layout per worker count: a resume on another
+    --num_workers used to start, then fail at the restore ("KeyError: 'exhausted'")
+    calling the only checkpoint damaged."""
+    _began(tmp_path, recorded, num_workers=then)
+    with pytest.raises(ConfigError, match=rf"--num_workers {now}: .* --num_workers {then} .*resume "
+                                          rf"with --num_workers={then}$"):
+        loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "num_workers": now}))
+    assert loop.prepare(TrainConfig(workdir=str(tmp_path), **{**BASE, "num_workers": then})).cfg.num_workers == then
+
+
+@pytest.mark.parametrize("recorded", [True, False])
 def test_resume_still_refuses_a_flag_that_builds_another_model(tmp_path, recorded):
     _began(tmp_path, recorded, recipe="mdt")
     with pytest.raises(ConfigError, match="--si_position: -1 differs from None"):
@@ -458,3 +471,34 @@ def test_clean_rows_rounded_to_the_devices_are_reported(devices, per_device, r_t
     if note:
         assert f"is {whole} clean rows" in note and f"so {kept} per step" in note
         assert ("no rows at all" in note) == (kept == 0)
+
+
+@pytest.mark.parametrize("size", [4, 16])
+def test_latents_at_another_image_size_are_refused_up_front(tmp_path, size):
+    """Latents are not resized; --image_size other than theirs passed validation and the
+    run died in the loader with a traceback (exit 1, after taking the workdir lock)."""
+    data = _latents(tmp_path / "l", 8, 4, 2)
+    with pytest.raises(ConfigError, match=rf"--image_size {size}: the latents are 8x8 .* --image_size=8 or"):
+        loop.prepare(TrainConfig(workdir=str(tmp_path / "w"), **{**BASE, "dataset": "latents",
+                                                                 "data_dir": data, "image_size": size}))
+    run = loop.prepare(TrainConfig(workdir=str(tmp_path / "w"), **{**BASE, "dataset": "latents",
+                                                                   "data_dir": data, "image_size": 8}))
+    assert run.image_size == 8
+
+
+def test_resume_refuses_a_data_dir_with_another_number_of_examples(tmp_path):
+    """The saved stream position indexes a permutation of the run's N examples: with
+    images added or removed a resume silently repeated or skipped examples and, under
+    --epochs, stretched the LR schedule mid-run."""
+    cfg = _began(tmp_path, True)
+    n = _info(cfg).num_examples
+    record = json.loads((tmp_path / "config.json").read_text())
+    for then in (n + 8, n - 1):
+        record["resolved"]["num_examples"] = then
+        (tmp_path / "config.json").write_text(json.dumps(record))
+        with pytest.raises(ConfigError, match=rf"--data_dir None: its synthetic training split has "
+                                              rf"{n} examples, but the run .* trained on {then} "):
+            loop.prepare(cfg)
+    record["resolved"]["num_examples"] = n
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    assert loop.prepare(cfg).data_info.num_examples == n

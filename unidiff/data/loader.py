@@ -92,18 +92,31 @@ class _BlockShardMapDataset(grain.MapDataset):
 
 
 class _DropUnreadableIterator(grain.DatasetIterator):
-    """Drops examples marked ``valid=False`` and counts them (count is part of the state)."""
+    """Drops examples marked ``valid=False`` and counts them (count is part of the state).
 
-    def __init__(self, parent: grain.DatasetIterator):
+    More than ``max_consecutive`` unreadable examples in a row (a whole epoch's worth)
+    mean nothing readable is left: a DataError then, where the repeating stream would
+    otherwise skip forever and never yield a batch.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, max_consecutive: int):
         super().__init__(parent)
         self.num_skipped = 0
+        self._max_consecutive = max_consecutive
 
     def __next__(self) -> dict[str, Any]:
+        run = 0
         while True:
             element = next(self._parent)
             if bool(element["valid"]):
                 return {"image": element["image"], "label": element["label"]}
             self.num_skipped += 1
+            run += 1
+            if run > self._max_consecutive:
+                raise DataError(f"{run} unreadable examples in a row, more than the "
+                                f"{self._max_consecutive} of a whole epoch: no example of "
+                                "this dataset can be read any more (see the warnings above "
+                                "for their paths)")
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": self._parent.get_state(), "num_skipped": int(self.num_skipped)}
@@ -117,11 +130,12 @@ class _DropUnreadableIterator(grain.DatasetIterator):
 
 
 class _DropUnreadableIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, max_consecutive: int):
         super().__init__(parent)
+        self._max_consecutive = max_consecutive
 
     def __iter__(self) -> _DropUnreadableIterator:
-        return _DropUnreadableIterator(self._parent.__iter__())
+        return _DropUnreadableIterator(self._parent.__iter__(), self._max_consecutive)
 
     def __str__(self) -> str:
         return "DropUnreadableIterDataset"
@@ -274,7 +288,7 @@ def make_loader(
     if num_workers > 0:
         _ensure_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    it_ds = _DropUnreadableIterDataset(it_ds).batch(local, drop_remainder=True, batch_fn=_stack)
+    it_ds = _DropUnreadableIterDataset(it_ds, n).batch(local, drop_remainder=True, batch_fn=_stack)
     batch_it = iter(it_ds)
     return DataIterator(batch_it, _find_drop_iterator(batch_it), local)
 

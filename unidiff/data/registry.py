@@ -25,19 +25,21 @@ class DatasetInfo(NamedTuple):
 
 def build_source(name: str, data_dir: str | None = None, split: str = "train") -> Any:
     """Returns the random-access source for ``--dataset=name`` (validated)."""
-    split = S.canonical_split(split)
+    # Folder and latents get the name as asked ('val' reads val/ where test/ exists too);
+    # the others know one held-out split.
+    asked, split = split, S.canonical_split(split)
     if name == "imagenet64":
         return S.ImageNetNpzSource(data_dir, split, image_size=64, dataset=name)
     if name == "imagenet32":
         return S.ImageNetNpzSource(data_dir, split, image_size=32, dataset=name)
     if name == "folder":
-        return S.ImageFolderSource(data_dir, split)
+        return S.ImageFolderSource(data_dir, asked)
     if name == "cifar10":
         return S.Cifar10Source(data_dir, split)
     if name == "digits":
         return S.DigitsSource(split)
     if name == "latents":
-        return S.LatentSource(data_dir, split)
+        return S.LatentSource(data_dir, asked)
     if name == "synthetic":
         # Disjoint streams for train and test; 'all' is the train stream.
         return S.SyntheticSource(num_examples=256 if split != "test" else 64, seed=0 if split != "test" else 1)
@@ -60,7 +62,22 @@ def validate_data(name: str, data_dir: str | None = None, split: str = "train") 
     info = source_info(source)
     if info.num_examples == 0:
         raise DataError(f"--dataset={name} --data_dir={data_dir}: split '{split}' has no examples")
+    if isinstance(source, S.ImageFolderSource):
+        _check_some_decode(source, data_dir, split)
     return info
+
+
+def _check_some_decode(source: Any, data_dir: str | None, split: str, tries: int = 16) -> None:
+    """A folder is only listed when it is opened; if none of a seeded sample of its files
+    decodes (git-lfs pointers, saved HTML pages), most of it is unreadable, and training
+    would skip its way through a whole epoch before finding out. One decodable file in
+    the sample is enough: the loader skips and counts the others."""
+    picks = S.subset_order(len(source), tries, seed=0)[:tries]
+    if all(source[int(i)] is None for i in picks):
+        raise DataError(f"--data_dir={data_dir}: none of {len(picks)} sampled images of split "
+                        f"'{split}' could be decoded, e.g. {source.paths[int(picks[0])]} (git-lfs "
+                        "pointers or saved web pages?); --dataset=folder needs .jpg/.jpeg/.png "
+                        "files that Pillow reads")
 
 
 def dataset_info(name: str, data_dir: str | None = None, split: str = "train") -> DatasetInfo:

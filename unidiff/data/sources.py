@@ -50,17 +50,23 @@ def canonical_split(split: str) -> str:
 _HELD_OUT_FOLDERS = ("test", "val", "validation")
 
 
-def _split_folder(root: str, split: str, dataset: str, layout: str) -> str:
+def _split_folder(root: str, split: str, dataset: str, layout: str, requested: str | None = None) -> str:
     """``root/<split>`` for the folder-per-split datasets (folder, latents).
 
     Without a ``train`` folder, 'train' is ``root`` itself. Without a test folder
     there is no 'test' split: falling back to ``root`` would make it the training
     data, and a probe or evaluation on it would score the examples it was fit on.
+    A held-out split is the folder of the name asked for (``requested``: 'val' reads
+    val/ where both val/ and test/ exist, so tuning on val never scores test); the
+    other held-out names stand in only where that folder does not exist.
     """
     if split == "train":
         train = os.path.join(root, "train")
         return train if os.path.isdir(train) else root
-    for name in _HELD_OUT_FOLDERS:
+    # The asked name first, then its synonym (val, validation), then the rest.
+    requested = requested if requested in _HELD_OUT_FOLDERS else "test"
+    names = sorted(_HELD_OUT_FOLDERS, key=lambda n: (n != requested, (n == "test") != (requested == "test")))
+    for name in names:
         if os.path.isdir(os.path.join(root, name)):
             return os.path.join(root, name)
     raise DataError(
@@ -323,13 +329,13 @@ class ImageFolderSource:
     image_shape = None
 
     def __init__(self, data_dir: str, split: str = "train"):
-        split = canonical_split(split)
+        requested, split = split, canonical_split(split)
         root = _require_dir(data_dir, "folder", "one subfolder of .jpg/.jpeg/.png images per class")
         if split == "all":
             _check_all_split(root, "folder")
         else:
             top = root
-            root = _split_folder(top, split, "folder", "one folder of images per class")
+            root = _split_folder(top, split, "folder", "one folder of images per class", requested)
             if root == top and any(os.path.isdir(os.path.join(top, n)) for n in _HELD_OUT_FOLDERS):
                 # The held-out folder would be read as one more class of training images.
                 raise DataError(f"--data_dir={top} has a test/ or val/ subfolder but no train/ "
@@ -560,11 +566,11 @@ class LatentSource:
     allow_flip = True
 
     def __init__(self, data_dir: str, split: str = "train"):
-        split = canonical_split(split)
+        requested, split = split, canonical_split(split)
         root = _require_dir(data_dir, "latents", "latents.npy (N, h, w, c) float32 and optional labels.npy")
         if split == "all":
             _check_all_split(root, "latents")
-        folder = root if split == "all" else _split_folder(root, split, "latents", "latents.npy")
+        folder = root if split == "all" else _split_folder(root, split, "latents", "latents.npy", requested)
         self.path = os.path.join(folder, "latents.npy")
         if not os.path.isfile(self.path):
             raise DataError(f"--data_dir={root}: missing {self.path} (--dataset=latents expects latents.npy of shape (N, h, w, c) float32)")
@@ -574,6 +580,9 @@ class LatentSource:
             raise DataError(f"{self.path}: not a readable .npy array ({err})") from None
         if arr.ndim != 4 or not np.issubdtype(arr.dtype, np.floating):
             raise DataError(f"{self.path}: got {arr.dtype} {arr.shape}; expected float (N, h, w, c)")
+        if arr.shape[1] != arr.shape[2]:
+            raise DataError(f"{self.path}: latents must be square, got (N, h, w, c) = {arr.shape} "
+                            "(the models take square grids)")
         self.image_shape = tuple(int(d) for d in arr.shape[1:])
         self.channels = self.image_shape[-1]
         self._num = int(arr.shape[0])

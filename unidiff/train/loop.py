@@ -165,6 +165,10 @@ def resolve(cfg: TrainConfig, info: Any) -> tuple[Any, uc.Recipe]:
     """The model config and recipe that ``cfg`` builds for a dataset described by
     ``info`` (``unidiff.data.validate_data``'s answer); ConfigError if they are invalid."""
     image_size = cfg.image_size or info.image_size
+    if cfg.dataset == "latents" and cfg.image_size and cfg.image_size != info.image_size:
+        raise ConfigError(f"--image_size {cfg.image_size}: the latents are {info.image_size}x"
+                          f"{info.image_size} and are not resized; set --image_size="
+                          f"{info.image_size} or leave it 0 (native)")
     if not image_size:
         raise ConfigError(f"--image_size: required for --dataset {cfg.dataset}, whose images have "
                           "no common native size (e.g. --image_size=64)")
@@ -255,7 +259,10 @@ def _check_resume(cfg: TrainConfig, info: Any, now: dict[str, Any]) -> int | Non
     then = _recorded_or_resolved(old, path, info)
     if then is None:
         cfg.check_resume_compatible(old, path)
+        _check_resume_workers(cfg, old, path)
         return step
+    _check_resume_workers(cfg, old, path)
+    _check_resume_examples(cfg, old, path, info)
     model_diff = resolved_differences(then["model"], now["model"])
     recipe_diff = resolved_differences(then["recipe"], now["recipe"], skip=("label_dropout",))
     equivalent = (() if model_diff else MODEL_FLAGS) + (() if recipe_diff else RECIPE_FLAGS)
@@ -283,8 +290,34 @@ def _check_resume(cfg: TrainConfig, info: Any, now: dict[str, Any]) -> int | Non
     return step
 
 
+def _check_resume_examples(cfg: TrainConfig, old: dict[str, Any], path: str, info: Any) -> None:
+    """The saved stream position indexes a shuffle of the run's N examples; over another
+    number the permutation is another one (examples repeated or skipped within the epoch)
+    and, under --epochs, the step count and LR schedule change mid-run."""
+    record = old.get("resolved")
+    then = record.get("num_examples") if isinstance(record, dict) else None
+    if isinstance(then, int) and not isinstance(then, bool) and then != info.num_examples:
+        raise ConfigError(
+            f"--data_dir {cfg.data_dir}: its {cfg.dataset} training split has "
+            f"{info.num_examples} examples, but the run in {cfg.workdir} trained on {then} "
+            f"({path}); its saved data order and step count belong to those. Resume with the "
+            "run's data, or use a new --workdir")
+
+
+def _check_resume_workers(cfg: TrainConfig, old: dict[str, Any], path: str) -> None:
+    """Grain's saved position has one layout in process and another per worker count
+    (``mp_prefetch`` keeps each worker's index), so a checkpoint restores only under the
+    --num_workers that wrote it; a change failed at the restore, blamed on damaged files."""
+    then = old.get("num_workers")
+    if isinstance(then, int) and then != cfg.num_workers:
+        raise ConfigError(
+            f"--num_workers {cfg.num_workers}: the checkpoints in {cfg.workdir} saved the data "
+            f"loader's position with --num_workers {then} ({path}), and Grain's saved position "
+            f"depends on the worker count; resume with --num_workers={then}")
+
+
 # Flags that say how a run is executed, not what it trains: changing them on resume is
-# not worth a record.
+# not worth a record (--num_workers must match, _check_resume_workers).
 OPERATIONAL_FLAGS = ("workdir", "data_dir", "log_every", "ckpt_every", "keep_checkpoints",
                      "num_workers", "num_devices", "microbatches", "stop_after", "max_nonfinite")
 
@@ -550,9 +583,11 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
         if moved:
             log.warning("resuming at step %d: %s", start, moved)
         # Only now: a restore that fails leaves config.json describing the checkpoints.
-        # The device count is recorded because it decides the clean rows per step.
-        ckpt_lib.write_json_atomic(config_path, {**cfg.to_json(),
-                                                 "resolved": {**resolved, "num_devices": run.num_devices}})
+        # The device count is recorded because it decides the clean rows per step, the
+        # example count because the saved data order is a permutation of that many.
+        ckpt_lib.write_json_atomic(config_path, {**cfg.to_json(), "resolved": {
+            **resolved, "num_devices": run.num_devices,
+            "num_examples": int(run.data_info.num_examples)}})
         # Records past the checkpoint (all of them on a fresh start: a run killed before
         # its first checkpoint) are re-logged by the steps that follow.
         _truncate_metrics(metrics_path, start)
@@ -595,7 +630,15 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
                 # The next batch is read and sent to the devices while the last step still
                 # runs; only then is its non-finite count read (which waits for it), before
                 # the next step is dispatched and donates that state.
-                batch = shard_batch(next(data_iter), mesh, cfg.batch_size)
+                try:
+                    examples = next(data_iter)
+                except ud.DataError as e:
+                    good = checkpointer.latest_step()
+                    raise TrainingError(
+                        f"--data_dir {cfg.data_dir}: at step {step + 1}: {e}; "
+                        + (f"the last checkpoint is step {good}" if good is not None
+                           else "no checkpoint was saved")) from None
+                batch = shard_batch(examples, mesh, cfg.batch_size)
                 if unchecked:
                     check_nonfinite()
                 state, metrics = step_fn(state, batch)
