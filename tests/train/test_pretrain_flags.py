@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from fractions import Fraction
 
@@ -502,3 +503,70 @@ def test_resume_refuses_a_data_dir_with_another_number_of_examples(tmp_path):
     record["resolved"]["num_examples"] = n
     (tmp_path / "config.json").write_text(json.dumps(record))
     assert loop.prepare(cfg).data_info.num_examples == n
+
+
+def test_a_finetune_resumes_without_its_moved_init_from(tmp_path):
+    """A resume never reads --init_from, but its checks ran anyway, so a finetune could not
+    continue once its pretraining workdir was moved."""
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    cfg = _began(ft, True, init_from=str(tmp_path / "moved_away"))
+    assert loop.prepare(cfg).cfg.init_from == str(tmp_path / "moved_away")
+    with pytest.raises(ConfigError, match="--init_from .*no checkpoints/ directory"):
+        loop.prepare(dataclasses.replace(cfg, workdir=str(tmp_path / "fresh")))  # a fresh start reads it
+
+
+@pytest.mark.parametrize("case", ["foreign_config", "bare_metrics", "checkpoints_file", "no_config"])
+def test_workdir_holding_something_else_is_refused_and_kept(tmp_path, case):
+    """A fresh start replaces config.json and metrics.jsonl: in a directory of another
+    tool's files they were overwritten without a word; checkpoints without config.json
+    resumed under any flags; a checkpoints file made the first save hang for minutes."""
+    w = tmp_path / "w"
+    w.mkdir()
+    files = {"foreign_config": {"config.json": '{"model_type": "bert", "hidden_size": 768}'},
+             "bare_metrics": {"metrics.jsonl": "epoch,acc\n1,0.5\n"},
+             "checkpoints_file": {"checkpoints": "data"}}.get(case, {})
+    for name, text in files.items():
+        (w / name).write_text(text)
+    if case == "no_config":
+        _checkpoint_at(w)
+    expect = {"foreign_config": "config.json is not a unidiff run's config.json",
+              "bare_metrics": "metrics.jsonl is not a unidiff run's",
+              "checkpoints_file": "checkpoints is not a directory",
+              "no_config": "it has checkpoints but no config.json"}[case]
+    with pytest.raises(ConfigError, match=expect) as e:
+        loop.prepare(TrainConfig(workdir=str(w), **BASE))
+    assert str(e.value).startswith(f"--workdir {w}: ") and "\n" not in str(e.value)
+    for name, text in files.items():
+        assert (w / name).read_text() == text
+
+
+def test_storage_failure_is_one_line_naming_the_last_checkpoint(tmp_path, monkeypatch):
+    """Disk full mid-run: orbax raised pages of nested futures at the save after the one
+    that failed, and a resume on a full disk died at the config.json write in a traceback."""
+    import errno
+
+    (tmp_path / "w").mkdir()
+    cfg = _began(tmp_path / "w", True)
+    run = loop.prepare(cfg)
+    tensorstore = ('RESOURCE_EXHAUSTED: Error writing "x/0" in OCDBT database at local file '
+                   f'"{tmp_path}/w/checkpoints/6.orbax-checkpoint-tmp/state/": Failed to write '
+                   "346463 bytes to file 6: No space left on device [os_error_code='28']")
+    failures = [OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "w" / "config.json")),
+                ValueError(tensorstore)]
+    wanted = ["No space left on device: " + str(tmp_path / "w" / "config.json"),
+              "No space left on device, saving checkpoint step 6"]
+    for failure, what in zip(failures, wanted):
+        def fail(run, init_params, failure=failure):
+            raise failure
+        monkeypatch.setattr(loop, "_train", fail)
+        with pytest.raises(loop.TrainingError) as e:
+            loop.train(run)
+        assert str(e.value) == (f"--workdir {cfg.workdir}: writing the run failed ({what}); the last "
+                                "complete checkpoint is step 1; fix the storage and rerun the same "
+                                "command to resume from it")
+    def bug(run, init_params):
+        raise ValueError("a bug, not storage")
+    monkeypatch.setattr(loop, "_train", bug)
+    with pytest.raises(ValueError, match="a bug"):  # other errors keep their traceback
+        loop.train(run)

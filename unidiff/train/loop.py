@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -290,6 +291,60 @@ def _check_resume(cfg: TrainConfig, info: Any, now: dict[str, Any]) -> int | Non
     return step
 
 
+def check_workdir_contents(workdir: str) -> None:
+    """ConfigError naming the file unless what ``workdir`` holds is a unidiff run's, or
+    nothing: a fresh start replaces config.json and the metrics, so in a directory of
+    something else it would destroy that; checkpoints without config.json have lost the
+    flags they were trained with (a resume would take any flags); a ``checkpoints`` that
+    is not a directory made the first save hang for minutes."""
+    if not os.path.isdir(workdir):
+        return
+    ckpts = os.path.join(workdir, "checkpoints")
+    if os.path.lexists(ckpts) and not os.path.isdir(ckpts):
+        raise ConfigError(f"--workdir {workdir}: {ckpts} is not a directory (checkpoints are "
+                          "written there); move it away or use a new --workdir")
+    config = os.path.join(workdir, "config.json")
+    if os.path.exists(config):
+        raw = read_config_json(config, "workdir")
+        try:
+            TrainConfig.from_json(raw)
+            ok = {"recipe", "model", "dataset"} <= raw.keys()
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"--workdir {workdir}: {config} is not a unidiff run's config.json, "
+                              "and a run would overwrite it; use a new --workdir")
+    elif os.path.isdir(ckpts) and os.listdir(ckpts):
+        raise ConfigError(f"--workdir {workdir}: it has checkpoints but no config.json, so the "
+                          "flags they were trained with are unknown; restore config.json or use "
+                          "a new --workdir")
+    elif not _unidiff_metrics(os.path.join(workdir, "metrics.jsonl")):
+        raise ConfigError(f"--workdir {workdir}: its metrics.jsonl is not a unidiff run's (lines "
+                          "that are not step records, and no config.json beside it), and a run "
+                          "would replace it; use a new --workdir")
+
+
+def _unidiff_metrics(path: str) -> bool:
+    """True unless ``path`` holds lines that no unidiff run writes: each line a JSON
+    object with a "step" (a last line torn by a kill excepted)."""
+    if not os.path.exists(path):
+        return True
+    try:
+        with open(path) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        return False
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and "step" in record
+        except ValueError:
+            ok = i == len(lines) - 1
+        if not ok:
+            return False
+    return True
+
+
 def _check_resume_examples(cfg: TrainConfig, old: dict[str, Any], path: str, info: Any) -> None:
     """The saved stream position indexes a shuffle of the run's N examples; over another
     number the permutation is another one (examples repeated or skipped within the epoch)
@@ -347,6 +402,7 @@ def prepare(cfg: TrainConfig) -> Run:
         check_output_dir("workdir", cfg.workdir)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_workdir_contents(cfg.workdir)
     try:
         info = ud.validate_data(cfg.dataset, cfg.data_dir, "train")
     except ValueError as e:
@@ -384,9 +440,11 @@ def prepare(cfg: TrainConfig) -> Run:
         check_microbatches(cfg.batch_size, recipe.r_t0, num_devices, cfg.microbatches)
     except ValueError as e:
         raise ConfigError(f"--microbatches {cfg.microbatches}: {e}") from None
-    if cfg.init_from and not os.path.isdir(ckpt_lib.checkpoint_dir(cfg.init_from)):
+    # Only a fresh start reads --init_from: a resume continues from its own checkpoints
+    # even when the pretraining has moved since.
+    if resume_step is None and cfg.init_from and not os.path.isdir(ckpt_lib.checkpoint_dir(cfg.init_from)):
         raise ConfigError(f"--init_from {cfg.init_from}: no checkpoints/ directory there")
-    if cfg.init_from and ckpt_lib.latest_step(cfg.init_from) is None:
+    if resume_step is None and cfg.init_from and ckpt_lib.latest_step(cfg.init_from) is None:
         raise ConfigError(f"--init_from {cfg.init_from}: no complete checkpoint under checkpoints/ "
                           "(was its pretraining stopped before the first one?)")
 
@@ -502,9 +560,39 @@ def train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None = None) 
         raise refused
     try:
         return _train(run, init_params)
+    except OSError as e:  # disk full, permissions, a timeout waiting on the filesystem
+        raise TrainingError(_write_failure(run.cfg.workdir, e)) from None
+    except ValueError as e:
+        # orbax reports a failed asynchronous save (tensorstore's RESOURCE_EXHAUSTED, ...)
+        # as a ValueError with pages of nested futures, at the next save after it.
+        if not any(k in str(e) for k in _STORAGE_ERRORS):
+            raise
+        raise TrainingError(_write_failure(run.cfg.workdir, e)) from None
     finally:
         if lock is not None:
             lock.close()
+
+
+_STORAGE_ERRORS = ("RESOURCE_EXHAUSTED", "No space left on device", "PERMISSION_DENIED", "Permission denied",
+                   "Read-only file system", "Disk quota exceeded")
+
+
+def _write_failure(workdir: str, e: BaseException) -> str:
+    """One line for a run stopped by its storage: what failed, and where it can resume."""
+    text = str(e)
+    if isinstance(e, OSError) and e.strerror:
+        what = f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    else:  # tensorstore's message: the OS's reason is at the end of a long line
+        reason = next((k for k in _STORAGE_ERRORS[1:] if k in text), text.splitlines()[0][:200])
+        step = re.search(r"checkpoints/(\d+)\.orbax-checkpoint-tmp", text)
+        what = reason + (f", saving checkpoint step {step.group(1)}" if step else "")
+    try:
+        good = ckpt_lib.latest_step(workdir)
+    except Exception:  # pylint: disable=broad-except  # the directory itself may be unreadable
+        good = None
+    where = (f"the last complete checkpoint is step {good}; fix the storage and rerun the same "
+             "command to resume from it" if good is not None else "no checkpoint was completed")
+    return f"--workdir {workdir}: writing the run failed ({what}); {where}"
 
 
 def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dict:
