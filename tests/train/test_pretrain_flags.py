@@ -570,3 +570,27 @@ def test_storage_failure_is_one_line_naming_the_last_checkpoint(tmp_path, monkey
     monkeypatch.setattr(loop, "_train", bug)
     with pytest.raises(ValueError, match="a bug"):  # other errors keep their traceback
         loop.train(run)
+
+
+def test_data_order_is_kept_by_a_resume_and_hashed_on_a_fresh_start(tmp_path):
+    """Runs begun before the hashed shuffle seed resume with the old one: their saved
+    position indexes its permutation."""
+    (tmp_path / "w").mkdir()
+    assert loop.prepare(TrainConfig(workdir=str(tmp_path / "fresh"), **BASE)).data_order == "hashed_seed"
+    cfg = _began(tmp_path / "w", True)  # a record without "data_order": an older run
+    assert loop.prepare(cfg).data_order == "seed_plus_epoch"
+    record = json.loads((tmp_path / "w" / "config.json").read_text())
+    for order in ud_orders():
+        record["resolved"]["data_order"] = order
+        (tmp_path / "w" / "config.json").write_text(json.dumps(record))
+        assert loop.prepare(cfg).data_order == order
+    record["resolved"]["data_order"] = "zigzag"
+    (tmp_path / "w" / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="data order 'zigzag'"):
+        loop.prepare(cfg)
+
+
+def ud_orders():
+    from unidiff import data as ud
+
+    return ud.DATA_ORDERS

@@ -13,7 +13,7 @@ Typical use::
 """
 
 from unidiff.data.errors import DataError
-from unidiff.data.loader import DataIterator, make_loader, steps_per_epoch
+from unidiff.data.loader import DATA_ORDERS, DataIterator, make_loader, shuffle_seed, steps_per_epoch
 from unidiff.data.registry import (
     DATASETS,
     DatasetInfo,
@@ -47,6 +47,7 @@ __all__ = [
     "DATASETS",
     "Cifar10Source",
     "DataError",
+    "DATA_ORDERS",
     "DataIterator",
     "DatasetInfo",
     "DigitsSource",
@@ -62,6 +63,7 @@ __all__ = [
     "digits_split_indices",
     "eval_image",
     "make_loader",
+    "shuffle_seed",
     "readable_examples",
     "sample_crop_box",
     "source_info",

@@ -178,6 +178,23 @@ def _stack(elements: Sequence[dict[str, Any]]) -> Batch:
     }
 
 
+# How the shuffle's seed derives from --seed. Grain reseeds each epoch's permutation with
+# (shuffle seed + epoch), so with the seed itself (the first scheme) seeds s and s + 1
+# shared their epoch orders shifted by one, and replicate runs were less independent
+# than they looked; hashing the seed first gives every seed its own sequence. Runs begun
+# with the first scheme keep it on resume (their saved position indexes its order).
+DATA_ORDERS = ("hashed_seed", "seed_plus_epoch")
+
+
+def shuffle_seed(seed: int, order: str = "hashed_seed") -> int:
+    """The 32-bit seed given to Grain's shuffle for ``--seed`` under ``order``."""
+    if order not in DATA_ORDERS:
+        raise DataError(f"data order {order!r}: expected one of {', '.join(DATA_ORDERS)}")
+    if order == "seed_plus_epoch":
+        return int(seed) % 2**32
+    return int(np.random.SeedSequence([int(seed), 0x5EED0]).generate_state(1, np.uint32)[0])
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Full global batches in one epoch (the loader's stream does not restart per epoch)."""
     return num_examples // batch_size
@@ -215,6 +232,7 @@ def make_loader(
     shard_count: int | None = None,
     num_epochs: int | None = None,
     read_threads: int = 4,
+    order: str = "hashed_seed",
 ) -> DataIterator:
     """Builds this process's batch iterator over ``source``.
 
@@ -233,6 +251,9 @@ def make_loader(
       num_epochs: None = repeat forever; otherwise stop after that many epochs
         (the trailing incomplete global batch is dropped).
       read_threads: threads per process reading/decoding examples.
+      order: how the shuffle seed derives from ``seed`` (``DATA_ORDERS``; see
+        ``shuffle_seed``): ``hashed_seed``, or ``seed_plus_epoch`` to resume a run
+        begun before it.
     """
     if shard_index is None or shard_count is None:
         import jax  # pylint: disable=import-outside-toplevel
@@ -249,6 +270,7 @@ def make_loader(
         raise DataError(f"--batch_size={batch_size} must be divisible by the number of processes ({shard_count})")
     if num_workers < 0:
         raise DataError(f"--num_workers={num_workers}: expected >= 0")
+    shuffle_seed(seed, order)  # an unknown order fails here, before any work
     if num_epochs is not None and num_epochs < 1:
         raise DataError(f"num_epochs={num_epochs}: expected None (forever) or >= 1")
     check_crop_area(crop_area)
@@ -276,7 +298,7 @@ def make_loader(
     if train:
         # Grain's shuffle reseeds with (seed + epoch) for positions past len(ds),
         # so repeat() after shuffle() gives a fresh permutation every epoch.
-        ds = ds.shuffle(seed=int(seed) % 2**32)
+        ds = ds.shuffle(seed=shuffle_seed(seed, order))
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
     ds = ds.map_with_index(transform)

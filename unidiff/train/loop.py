@@ -70,6 +70,7 @@ class Run:
     warmup_steps: int
     flip: bool
     data_info: Any  # unidiff.data.validate_data's answer for the training split
+    data_order: str = "hashed_seed"  # the loader's shuffle seeding (unidiff.data.DATA_ORDERS)
 
 
 def clean_rows_warning(batch_size: int, r_t0: float, num_devices: int) -> str | None:
@@ -345,6 +346,23 @@ def _unidiff_metrics(path: str) -> bool:
     return True
 
 
+def _data_order(cfg: TrainConfig, resume_step: int | None) -> str:
+    """The shuffle seeding of the run: a resume keeps the one its config.json records (a
+    run begun before the record has the first scheme, which its saved position indexes);
+    a fresh start takes the current one."""
+    if resume_step is None:
+        return ud.DATA_ORDERS[0]
+    record = read_config_json(os.path.join(cfg.workdir, "config.json"), "workdir").get("resolved")
+    order = record.get("data_order") if isinstance(record, dict) else None
+    if order is None:
+        return "seed_plus_epoch"
+    if order not in ud.DATA_ORDERS:
+        raise ConfigError(f"--workdir {cfg.workdir}: its config.json records data order {order!r}, "
+                          f"which this version does not know ({', '.join(ud.DATA_ORDERS)}); resume "
+                          "with the version that began the run")
+    return order
+
+
 def _check_resume_examples(cfg: TrainConfig, old: dict[str, Any], path: str, info: Any) -> None:
     """The saved stream position indexes a shuffle of the run's N examples; over another
     number the permutation is another one (examples repeated or skipped within the epoch)
@@ -467,7 +485,7 @@ def prepare(cfg: TrainConfig) -> Run:
                           "or --flip=false")
     flip = {"auto": allow_flip, "true": True, "false": False}[cfg.flip]
     return Run(cfg, recipe, model_config, source, image_size, num_classes, num_devices,
-               total, warmup, flip, info)
+               total, warmup, flip, info, _data_order(cfg, resume_step))
 
 
 class _Stop:
@@ -624,7 +642,7 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
         run.source, batch_size=cfg.batch_size, seed=cfg.seed, train=True,
         image_size=run.image_size, crop_area=(cfg.crop_area_min, cfg.crop_area_max),
         flip=run.flip, num_workers=cfg.num_workers,
-        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        shard_index=jax.process_index(), shard_count=jax.process_count(), order=run.data_order,
     )
 
     root = jax.random.key(cfg.seed)
@@ -675,7 +693,7 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
         # example count because the saved data order is a permutation of that many.
         ckpt_lib.write_json_atomic(config_path, {**cfg.to_json(), "resolved": {
             **resolved, "num_devices": run.num_devices,
-            "num_examples": int(run.data_info.num_examples)}})
+            "num_examples": int(run.data_info.num_examples), "data_order": run.data_order}})
         # Records past the checkpoint (all of them on a fresh start: a run killed before
         # its first checkpoint) are re-logged by the steps that follow.
         _truncate_metrics(metrics_path, start)
