@@ -69,14 +69,15 @@ def test_cosine_alpha_bar_is_f_ratio_where_unclipped():
 def test_linear_schedule_ends_in_noise_for_any_T(T):
     """The linear line is scaled by 1000 / T, so x_T is noise for every T: the betas sum
     to (0.1 + 20) / 2 = 10.05 whatever T is, and since -log(1 - b) >= b, alpha_bar_T <=
-    exp(-10.05) (unscaled, T = 50 ended at alpha_bar_T = 0.6). For T >= 200 the betas are
-    small enough that -log alpha_bar_T is within 2% of T = 1000's."""
+    exp(-10.05) (unscaled, T = 50 ended at alpha_bar_T = 0.6). Beyond first order,
+    -log alpha_bar_T exceeds the sum by about sum(b^2) / 2 ~ 67 / T, so for T >= 400 it is
+    within 2% of T = 1000's."""
     sched = uc.make_schedule("linear", T)
     abar = np.asarray(sched.alphas_cumprod, np.float64)
     ref = np.asarray(uc.make_schedule("linear", 1000).alphas_cumprod, np.float64)
     np.testing.assert_allclose(np.asarray(sched.betas, np.float64)[1:].sum(), 10.05, rtol=1e-5)
     assert abar[-1] <= np.exp(-10.05) * (1 + 1e-4)
-    if T >= 200:
+    if T >= 400:
         assert abs(np.log(abar[-1]) / np.log(ref[-1]) - 1) < 0.02
     # At T = 1000 the line is DDPM's own, unscaled.
     np.testing.assert_allclose(np.asarray(uc.make_schedule("linear", 1000).betas)[[1, -1]],
