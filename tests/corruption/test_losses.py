@@ -272,6 +272,13 @@ def test_loss_errors():
             recipe.replace(norm_pix_loss=True), sched, (clean, noisy),
             (p_clean, uc.Prediction(None, p_noisy.eps)),
         )
+    # The other head missing: an eps derived from a normalised-target x0 head is wrong
+    # (a perfect predictor scored eps_loss 0.78 instead of raising).
+    with pytest.raises(ValueError, match="norm_pix_loss needs an eps prediction head"):
+        uc.umd_loss(
+            recipe.replace(norm_pix_loss=True), sched, (clean, noisy),
+            (p_clean, uc.Prediction(p_noisy.x0, None)),
+        )
     with pytest.raises(ValueError, match="shape"):
         uc.umd_loss(recipe, sched, (clean, noisy), (p_clean, uc.Prediction(p_noisy.x0[:, :2], p_noisy.eps)))
     with pytest.raises(ValueError, match="neither"):

@@ -198,3 +198,19 @@ def test_patch_errors():
         uc.unpatchify(jnp.zeros((1, 5, 12)), 2, 4, 4)
     with pytest.raises(ValueError, match="patch_size"):
         uc.grid_size(10, 3)
+
+
+def test_batch_mismatches_and_ranks_are_refused():
+    """take_along_axis broadcast a batch of 1 on either side over the other; patchify of
+    one image failed with 'not enough values to unpack'."""
+    x, ids = jnp.zeros((1, 8, 3)), jnp.zeros((4, 2), jnp.int32)
+    with pytest.raises(ValueError, match=r"same B; got x \(1, 8, 3\) and ids \(4, 2\)"):
+        uc.gather_tokens(x, ids)
+    with pytest.raises(ValueError, match="same B"):
+        uc.gather_tokens(jnp.zeros((4, 8, 3)), ids[:1])
+    with pytest.raises(ValueError, match=r"visible must be \(B, K, D\) and ids_restore \(B, L\) with the same B"):
+        uc.unshuffle_tokens(jnp.zeros((1, 2, 3)), jnp.zeros((4, 8), jnp.int32), jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"images must have shape \(B, H, W, C\), got \(8, 8, 3\)"):
+        uc.patchify(jnp.zeros((8, 8, 3)), 2)
+    with pytest.raises(ValueError, match=r"tokens must have shape \(B, L, p\*p\*C\)"):
+        uc.unpatchify(jnp.zeros((16, 12)), 2, 8, 8)

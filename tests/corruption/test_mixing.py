@@ -240,3 +240,6 @@ def test_mix_rejects_bad_inputs():
         uc.mix(recipe.replace(m_t0=0.95), sched, keys, x0)  # int(16 * 0.05) = 0 kept
     with pytest.raises(ValueError, match="schedule"):
         uc.mix(recipe, sched.alphas_cumprod, keys, x0)
+    # Raw uint8 patches: the noise cast to them came back as 0, 1, 2.
+    with pytest.raises(ValueError, match="x0 must be floating point"):
+        uc.mix(recipe, sched, keys, (x0 * 127 + 128).astype(jnp.uint8))

@@ -172,3 +172,26 @@ def test_bfloat16_inputs_get_their_noise_at_small_t(seed, t_max):
     xt = np.asarray(q(sched, x0, t, eps), np.float64)
     want = np.sqrt(a) * np.asarray(x0, np.float64) + np.sqrt(1 - a) * eps64
     assert np.all(np.abs(xt - want) <= 2.0**-7 * (1 + np.abs(want)))
+
+
+def test_forward_process_refuses_what_it_would_broadcast_or_round():
+    """A (1,) t or noise row used to broadcast over the whole batch (one draw reused for
+    every row), and integer inputs came back with the noise rounded away."""
+    sched = uc.make_schedule("cosine", 50)
+    x = jnp.zeros((4, 16, 3))
+    t = jnp.arange(4)
+    with pytest.raises(ValueError, match=r"t must have shape \(B,\) = \(4,\)"):
+        uc.q_sample(sched, x, jnp.ones((1,), jnp.int32), x)
+    with pytest.raises(ValueError, match="noise must have the shape of x0"):
+        uc.q_sample(sched, x, t, x[0])
+    with pytest.raises(ValueError, match="x must be floating point, got uint8"):
+        uc.q_sample(sched, x.astype(jnp.uint8), t, x.astype(jnp.uint8))
+    with pytest.raises(ValueError, match="eps must have the shape of xt"):
+        uc.x0_from_eps(sched, x, t, x[:1])
+    with pytest.raises(ValueError, match="x0 must have the shape of xt"):
+        uc.eps_from_x0(sched, x, t, x[:, :1])
+    with pytest.raises(ValueError, match="t must have shape"):
+        uc.eps_from_x0(sched, x, t[:, None], x)
+    # A scalar t applies to every row, as documented; under jit the checks are static.
+    one = jax.jit(lambda x, t: uc.q_sample(sched, x, t, x))(x, jnp.int32(3))
+    np.testing.assert_allclose(np.asarray(one), np.asarray(uc.q_sample(sched, x, jnp.full((4,), 3), x)))

@@ -113,6 +113,11 @@ def _noisy_terms(
     """The terms of one noisy pass: {"loss", "eps_loss"} (+ "x0_loss" for eps_x0)."""
     eps_pred = pred.eps
     if eps_pred is None:
+        if recipe.norm_pix_loss:
+            raise ValueError(
+                "norm_pix_loss needs an eps prediction head on noisy branches: an eps derived "
+                "from the x0 head would come from per-patch normalised targets, not x0"
+            )
         eps_pred = eps_from_x0(schedule, branch.x_t, branch.t, pred.x0)
     if recipe.noisy_loss == "eps_all":
         eps_loss = _masked_mean(_sq(eps_pred, branch.eps), branch.masking, "all")

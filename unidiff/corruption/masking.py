@@ -67,6 +67,10 @@ def no_masking(batch_size: int, num_tokens: int) -> Masking:
 
 def gather_tokens(x: Float[Array, "b l *d"], ids_keep: Int[Array, "b k"]) -> Float[Array, "b k *d"]:
     """Select the visible tokens (in shuffle order) from a full-length sequence."""
+    if ids_keep.ndim != 2 or x.ndim < 2 or x.shape[0] != ids_keep.shape[0]:
+        # take_along_axis would broadcast a batch of 1 on either side over the other.
+        raise ValueError(f"x must be (B, L, ...) and ids (B, K) with the same B; got x "
+                         f"{x.shape} and ids {ids_keep.shape}")
     idx = ids_keep.reshape(ids_keep.shape + (1,) * (x.ndim - 2))
     return jnp.take_along_axis(x, idx, axis=1)
 
@@ -81,6 +85,9 @@ def unshuffle_tokens(
     ``fill`` is either one token, shape (D,) (e.g. a learned mask token), or the hidden
     tokens themselves in shuffle order, shape (B, L - K, D).
     """
+    if visible.ndim != 3 or ids_restore.ndim != 2 or ids_restore.shape[0] != visible.shape[0]:
+        raise ValueError(f"visible must be (B, K, D) and ids_restore (B, L) with the same B; got "
+                         f"visible {visible.shape} and ids_restore {ids_restore.shape}")
     b, k, d = visible.shape
     l = ids_restore.shape[1]
     fill = jnp.asarray(fill, visible.dtype)

@@ -149,6 +149,9 @@ def mix(
     """
     if x0.ndim != 3:
         raise ValueError(f"x0 must have shape (B, L, P), got {x0.shape}")
+    if not jnp.issubdtype(x0.dtype, jnp.floating):
+        raise ValueError(f"x0 must be floating point (images scaled to [-1, 1], or latents), "
+                         f"got {x0.dtype}: noise cast to it would be rounded away")
     batch_size, num_tokens, _ = x0.shape
     typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
     if keys.shape[:1] != (batch_size,) or keys.ndim != (1 if typed else 2):

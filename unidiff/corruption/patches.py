@@ -23,6 +23,8 @@ def _check_divides(size: int, patch_size: int, what: str) -> None:
 
 def patchify(images: Float[Array, "b h w c"], patch_size: int) -> Float[Array, "b l p"]:
     """(B, H, W, C) -> (B, L, p*p*C) tokens in raster order."""
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (B, H, W, C), got {images.shape}")
     b, h, w, c = images.shape
     _check_divides(h, patch_size, "height")
     _check_divides(w, patch_size, "width")
@@ -38,6 +40,8 @@ def unpatchify(
     """Inverse of :func:`patchify`: (B, L, p*p*C) -> (B, H, W, C)."""
     _check_divides(height, patch_size, "height")
     _check_divides(width, patch_size, "width")
+    if tokens.ndim != 3:
+        raise ValueError(f"tokens must have shape (B, L, p*p*C), got {tokens.shape}")
     b, l, d = tokens.shape
     p = patch_size
     gh, gw = height // p, width // p

@@ -77,16 +77,30 @@ def _coefficients(
     (B, ...) and in its dtype. Both are computed in float32 and only then cast: in
     bfloat16, alpha_bar_t rounds to 1.0 for the first ~20 noisy steps of the cosine
     schedule, which would make sqrt(1 - alpha_bar_t) exactly 0 (no noise at all)."""
+    if not jnp.issubdtype(jnp.result_type(like), jnp.floating):
+        raise ValueError(f"x must be floating point, got {jnp.result_type(like)}: the "
+                         "coefficients cast to it would be rounded to 0 or 1")
+    if jnp.ndim(t) > 1 or (jnp.ndim(t) == 1 and jnp.shape(t)[0] != jnp.shape(like)[0]):
+        # A (B,) t pairs with x's rows; broadcasting a (1,) t or x would silently reuse one.
+        raise ValueError(f"t must have shape (B,) = ({jnp.shape(like)[0]},) for x of shape "
+                         f"{jnp.shape(like)}, or be a scalar; got {jnp.shape(t)}")
     a = jnp.take(schedule.alphas_cumprod, t).astype(jnp.float32)
     shape = t.shape + (1,) * (like.ndim - t.ndim)
     return (jnp.sqrt(a).astype(like.dtype).reshape(shape),
             jnp.sqrt(1.0 - a).astype(like.dtype).reshape(shape))
 
 
+def _same_shape(a: Array, b: Array, name_a: str, name_b: str) -> None:
+    if jnp.shape(a) != jnp.shape(b):
+        raise ValueError(f"{name_b} must have the shape of {name_a}, {jnp.shape(a)}; got "
+                         f"{jnp.shape(b)} (no broadcasting: one row reused for all is a bug)")
+
+
 def q_sample(
     schedule: Schedule, x0: Float[Array, "b ..."], t: Int[Array, "b"], noise: Float[Array, "b ..."]
 ) -> Float[Array, "b ..."]:
     """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
+    _same_shape(x0, noise, "x0", "noise")
     sqrt_a, sigma = _coefficients(schedule, t, x0)
     return sqrt_a * x0 + sigma * noise
 
@@ -95,6 +109,7 @@ def x0_from_eps(
     schedule: Schedule, xt: Float[Array, "b ..."], t: Int[Array, "b"], eps: Float[Array, "b ..."]
 ) -> Float[Array, "b ..."]:
     """Invert q_sample for x0 given the noise. Exact (x0 = x_t) at t = 0."""
+    _same_shape(xt, eps, "xt", "eps")
     sqrt_a, sigma = _coefficients(schedule, t, xt)
     return (xt - sigma * eps) / sqrt_a
 
@@ -103,6 +118,7 @@ def eps_from_x0(
     schedule: Schedule, xt: Float[Array, "b ..."], t: Int[Array, "b"], x0: Float[Array, "b ..."]
 ) -> Float[Array, "b ..."]:
     """Invert q_sample for the noise given x0. At t = 0 there is no noise: returns 0."""
+    _same_shape(xt, x0, "xt", "x0")
     sqrt_a, sigma = _coefficients(schedule, t, xt)
     safe = jnp.where(sigma > 0, sigma, jnp.ones_like(sigma))
     return jnp.where(sigma > 0, (xt - sqrt_a * x0) / safe, jnp.zeros_like(xt))
