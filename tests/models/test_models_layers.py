@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -426,6 +428,7 @@ def test_drop_labels():
 
 
 _SHARD_MAP_GRADS = r"""
+import functools
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -498,3 +501,64 @@ def test_hand_written_gradients_inside_shard_map_sum_replicated_inputs_over_devi
     assert set(errors) == {"add_batch_shared", "layer_norm_replicated", "layer_norm_per_example_modulation"}
     for case, e in errors.items():
         assert e < 1e-4, (case, e)
+
+
+def _dot_operand_dtypes(lowered_text: str) -> list[tuple[str, str]]:
+    return re.findall(r"stablehlo.dot_general .*?: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)",
+                      lowered_text)
+
+
+@pytest.mark.parametrize("rel", [None, "all"])
+def test_bfloat16_attention_backward_runs_bfloat16_matmuls(rel):
+    """The attention matmuls give float32 logits and outputs (the softmax runs in float32),
+    and under plain autodiff their float32 cotangents made all four backward matmuls
+    float32: a third of a bfloat16 UMD step's matmuls. The cotangents are now cast to
+    the operands' dtype first, as for every other bfloat16 layer: forward values are
+    unchanged, gradients are as close to a float32 computation as autodiff's were, and no
+    float32 matmul is left in the layer's backward pass."""
+    from unidiff.models import attention as att
+
+    heads, w, g, n = 2, 8, 3, 10
+    index = um.bias_index(g, 1) if rel else None
+    f = hk.without_apply_rng(hk.transform(lambda x, i: um.Attention(heads, g if rel else None)(x, i)))
+    rng = np.random.default_rng(7)
+    x32 = jnp.asarray(rng.standard_normal((2, n, w)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((2, n, w)), jnp.bfloat16)
+    p32 = random_like(jax.eval_shape(f.init, jax.random.key(1), x32, index), seed=8)
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p32)
+    x16 = x32.astype(jnp.bfloat16)
+    loss = lambda p, x: jnp.sum(f.apply(p, x, index).astype(jnp.float32) * ct.astype(jnp.float32))
+    grad = jit(jax.grad(loss, argnums=(0, 1)))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(p16, x16).as_text()
+    dots = _dot_operand_dtypes(text)
+    # Float32 only where the float32 bias's batch-summed gradient is a matmul with a ones
+    # vector (add_batch_shared): one per head group.
+    groups = min(heads, um.default_head_groups())
+    assert dots.count(("f32", "f32")) == (groups if rel else 0), dots
+    assert dots.count(("bf16", "bf16")) > 0
+
+    # The core, against plain autodiff (float32 backward) and a float32 reference.
+    q, k, v = (jnp.asarray(rng.standard_normal((2, heads, n, w // heads)), jnp.bfloat16) for _ in range(3))
+    c = jnp.asarray(rng.standard_normal((2, heads, n, w // heads)), jnp.float32)
+
+    def core(qk, pv, q, k, v):
+        logits = qk(q, k)
+        e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+        return jnp.sum(pv(e.astype(v.dtype), v) / e.sum(-1, keepdims=True) * c)
+
+    new = jit(jax.value_and_grad(functools.partial(core, att._qk_low, att._pv_low), argnums=(0, 1, 2)))
+    old = jit(jax.value_and_grad(functools.partial(core, att._qk, att._pv), argnums=(0, 1, 2)))
+    (v_new, g_new), (v_old, g_old) = new(q, k, v), old(q, k, v)
+    assert v_new == v_old  # the forward pass is the same computation
+    ref = jax.grad(functools.partial(core, att._qk, att._pv), argnums=(0, 1, 2))(
+        *(a.astype(jnp.float32) for a in (q, k, v)))
+    for a, b, r in zip(g_new, g_old, ref):
+        assert a.dtype == jnp.bfloat16
+        err_new = float(jnp.abs(a.astype(jnp.float32) - r).max())
+        err_old = float(jnp.abs(b.astype(jnp.float32) - r).max())
+        scale = float(jnp.abs(r).max())
+        assert err_new <= 2 * err_old + 1e-2 * scale, (err_new, err_old, scale)
+    # The whole layer in bfloat16 against float32.
+    g16, g32 = grad(p16, x16), jit(jax.grad(loss, argnums=(0, 1)))(p32, x32)
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+        assert float(jnp.abs(a.astype(jnp.float32) - b).max()) <= 5e-2 * float(jnp.abs(b).max()) + 1e-3
