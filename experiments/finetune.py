@@ -77,10 +77,13 @@ def main(argv):
                                   f"--recipe must be dit (got {FLAGS.recipe})")
             fixed.update(arch="dit_affine", num_cls_tokens=-1, si_position=None)
         run = loop.prepare(cli.config_from_flags(FLAGS, **fixed))
-        # A fresh start refuses here a pretraining that cannot fill this DiT, and its
-        # initialisation reuses the model built for the check (a resume needs neither).
-        source = (pretraining_model(run) if FLAGS.transfer_to_dit
-                  and ckpt_lib.latest_step(run.cfg.workdir) is None else None)
+        # A fresh start refuses here a pretraining that cannot fill this model (another
+        # channel count, another default since), and a transfer's initialisation reuses
+        # the model built for the check (a resume needs neither).
+        fresh = ckpt_lib.latest_step(run.cfg.workdir) is None
+        source = pretraining_model(run) if FLAGS.transfer_to_dit and fresh else None
+        if fresh and not FLAGS.transfer_to_dit:
+            workdir_lib.check_finetune_fits(FLAGS.init_from, run.model_config, FLAGS.dataset)
     except (ConfigError, ValueError) as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
@@ -139,7 +142,16 @@ def pretraining_model(run):
 
     pre = workdir_lib.inherited_flags(FLAGS.init_from, FLAGS.recipe, FLAGS.dataset, FLAGS.data_dir)
     pre_cfg = dataclasses.replace(run.cfg, **pre)
-    source = loop.model_config_for(pre_cfg, run.image_size, run.model_config.in_channels, 0)
+    recorded = workdir_lib.recorded_model(FLAGS.init_from) or {}
+    # The pretraining's own channels (check_transfer then refuses a DiT on other data).
+    channels = int(recorded.get("in_channels", run.model_config.in_channels))
+    source = loop.model_config_for(pre_cfg, run.image_size, channels, 0)
+    changed = loop.resolved_differences(recorded, workdir_lib.json_model(source), skip=("num_classes",))
+    if changed:
+        raise ConfigError(f"--init_from {FLAGS.init_from}: its flags now build another model than "
+                          "the one it recorded (" + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b)
+                                                                in changed.items())
+                          + "); transfer with the unidiff version that ran it")
     try:
         um.check_transfer(source, run.model_config)
     except ValueError as e:

@@ -157,12 +157,22 @@ def test_finetune_refuses_a_checkpoint_of_another_architecture(usp_pretrained, t
     pre = tmp_path / "pre"
     shutil.copytree(usp_pretrained, pre)
     cfg = json.loads((pre / "config.json").read_text())
-    (pre / "config.json").write_text(json.dumps({**cfg, "arch": "umd"}))
-    proc = run_binary("finetune.py", ["--dataset=synthetic", "--batch_size=8", "--train_steps=2",
-                                      f"--init_from={pre}", f"--workdir={tmp_path / 'ft'}"], check=False)
-    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "step 1 does not fit the finetune's model" in proc.stderr and "adaln" in proc.stderr.lower(), proc.stderr[-2000:]
-    assert not (tmp_path / "ft" / "checkpoints").exists() or not any((tmp_path / "ft" / "checkpoints").iterdir())
+    # With the "resolved" record the flags are compared with what the run recorded, up
+    # front (exit 2, nothing written); a config.json of flags only is caught when the
+    # checkpoint is merged (exit 1, before the first step).
+    for record, code, needle in ((True, 2, "pretraining recorded (adaln False -> True)"),
+                                 (False, 1, "step 1 does not fit the finetune's model")):
+        edited = {**cfg, "arch": "umd"}
+        if not record:
+            edited.pop("resolved")
+        (pre / "config.json").write_text(json.dumps(edited))
+        ft = tmp_path / f"ft_{record}"
+        proc = run_binary("finetune.py", ["--dataset=synthetic", "--batch_size=8", "--train_steps=2",
+                                          f"--init_from={pre}", f"--workdir={ft}"], check=False)
+        assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert needle in proc.stderr and "adaln" in proc.stderr.lower(), proc.stderr[-2000:]
+        assert not (ft / "checkpoints").exists() or not any((ft / "checkpoints").iterdir())
+        assert record is False or not ft.exists()
 
 
 def test_transfer_to_dit_starts_a_dit_from_the_usp_encoder(usp_pretrained, tmp_path):
@@ -229,3 +239,37 @@ def test_transfer_to_dit_refuses_a_pretraining_that_cannot_fill_the_dit(tmp_path
                            "(--arch mdt, --model N/2) cannot initialise the DiT: depth: the pretrained "
                            "encoder has 2 blocks and the DiT 4"), last
     assert not (tmp_path / "ft" / "checkpoints").exists()
+
+
+def test_finetune_takes_the_recorded_native_size_when_the_data_has_moved(tmp_path):
+    """image_size 0 was resolved by reading the pretraining's data again, and where that
+    had moved, by the finetune's own data: a model of another size for the frozen sin-cos
+    architectures (no parameter shows it). The size the run recorded comes first."""
+    from unidiff.train import loop
+
+    pre = _pretrain_config(tmp_path, recipe="usp", model="N/2", dataset="latents",
+                           data_dir=str(tmp_path / "moved_away"))
+    raw = json.loads((tmp_path / "pre" / "config.json").read_text())
+    from unidiff import models as um
+    from unidiff.corruption import recipes
+
+    model = um.mae_config("N/2", 8, 4)
+    raw["resolved"] = loop.resolved_record(model, recipes.usp())
+    (tmp_path / "pre" / "config.json").write_text(json.dumps(raw))
+    assert inherited_flags(pre, "umd_finetune", "latents", str(tmp_path / "elsewhere"))["image_size"] == 8
+
+
+def test_finetune_on_data_with_other_channels_is_refused_up_front(tiny_pretrained, usp_pretrained, tmp_path):
+    """A 3-channel pretraining finetuned on 1-channel digits was caught only when the
+    checkpoint was merged (exit 1, workdir and lock created, no word of channels); as a
+    USP transfer the channel check compared the finetune's channels with themselves."""
+    common = ["--dataset=digits", "--batch_size=8", "--train_steps=1"]
+    for pre, extra, needle in ((tiny_pretrained, [], "pretraining recorded (in_channels 3 -> 1"),
+                               (usp_pretrained, ["--recipe=dit", "--transfer_to_dit"], "in_channels")):
+        ft = tmp_path / f"ft_{len(extra)}"
+        proc = run_binary("finetune.py", [*common, *extra, f"--init_from={pre}", f"--workdir={ft}"],
+                          check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"finetune.py: error: --") and needle in last, last
+        assert not ft.exists()

@@ -191,7 +191,11 @@ def inherited_flags(init_from: str, recipe: str, dataset: str, data_dir: str | N
     fixed = {k: getattr(pre, k) for k in INHERITED}
     if pre.arch == "auto" and pre.resolved_arch() != resolve_arch(recipe):
         fixed["arch"] = pre.resolved_arch()
-    if pre.image_size == 0:
+    model = recorded_model(init_from)
+    if pre.image_size == 0 and model is not None:
+        # The size the pretraining trained at, whatever its data directory holds now.
+        fixed["image_size"] = int(model["image_size"])
+    elif pre.image_size == 0:
         try:
             info = ud.validate_data(pre.dataset, pre.data_dir, "train")
         except ValueError as e:
@@ -202,3 +206,34 @@ def inherited_flags(init_from: str, recipe: str, dataset: str, data_dir: str | N
             info = ud.validate_data(dataset, data_dir, "train")  # moved: the finetune's copy
         fixed["image_size"] = info.image_size
     return fixed
+
+
+def recorded_model(init_from: str) -> dict[str, Any] | None:
+    """The model config that the pretraining workdir ``init_from`` recorded it trained
+    (its config.json's ``"resolved"`` record), None for a config.json written before
+    runs recorded it."""
+    path, raw = _config_json(init_from, "init_from")
+    record = recorded(raw, path)
+    return None if record is None else record["model"]
+
+
+def check_finetune_fits(init_from: str, model_config: um.ModelConfig, dataset: str) -> None:
+    """ConfigError unless the finetune's ``model_config`` is the model the pretraining
+    ``init_from`` recorded, but for the label table a finetune adds. A dataset with
+    other channels (or a code default changed since the pretraining) would otherwise be
+    found only when the parameters are merged, after the run has started."""
+    then = recorded_model(init_from)
+    if then is None:
+        return
+    diff = resolved_differences(then, json_model(model_config), skip=("num_classes",))
+    if diff:
+        raise ConfigError(
+            f"--init_from {init_from}: the finetune on --dataset {dataset} would build another "
+            "model than the one its pretraining recorded ("
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            + "); finetune on data like the pretraining's, with the unidiff version that ran it")
+
+
+def json_model(model_config: um.ModelConfig) -> dict[str, Any]:
+    """A ModelConfig as the resolved record stores it."""
+    return resolved_record(model_config, uc.recipes.get("umd"))["model"]
