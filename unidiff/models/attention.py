@@ -161,52 +161,31 @@ def _attend(
 # (50 of 136 in a UMD step): the _low versions cast the cotangent to the operands' dtype
 # first, as autodiff does for every other bfloat16 layer, and accumulate in float32.
 # Forward values are the same; float32 models use the plain functions.
-def _qk(q, k):
-    return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-
-
-def _pv(p, v):
-    return jnp.einsum("bhqk,bhkd->bhqd", p, v, preferred_element_type=jnp.float32)
-
-
 def _low_einsum(spec: str, a: Array, b: Array, dtype) -> Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
 
 
-@jax.custom_vjp
-def _qk_low(q, k):
-    return _qk(q, k)
+def _matmul_pair(spec: str, lhs_grad: str, rhs_grad: str):
+    """(plain, low) versions of the einsum ``spec`` of two operands with a float32 result.
+    ``low``'s backward casts the cotangent g to the operands' dtype before its two
+    matmuls: ``lhs_grad`` contracts (g, rhs) and ``rhs_grad`` (g, lhs)."""
+
+    def plain(a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+    @jax.custom_vjp
+    def low(a, b):
+        return plain(a, b)
+
+    def bwd(res, g):
+        a, b = res
+        g = g.astype(a.dtype)
+        return _low_einsum(lhs_grad, g, b, a.dtype), _low_einsum(rhs_grad, g, a, b.dtype)
+
+    low.defvjp(lambda a, b: (plain(a, b), (a, b)), bwd)
+    return plain, low
 
 
-def _qk_low_fwd(q, k):
-    return _qk(q, k), (q, k)
-
-
-def _qk_low_bwd(res, g):
-    q, k = res
-    g = g.astype(q.dtype)
-    return (_low_einsum("bhqk,bhkd->bhqd", g, k, q.dtype),
-            _low_einsum("bhqk,bhqd->bhkd", g, q, k.dtype))
-
-
-_qk_low.defvjp(_qk_low_fwd, _qk_low_bwd)
-
-
-@jax.custom_vjp
-def _pv_low(p, v):
-    return _pv(p, v)
-
-
-def _pv_low_fwd(p, v):
-    return _pv(p, v), (p, v)
-
-
-def _pv_low_bwd(res, g):
-    p, v = res
-    g = g.astype(v.dtype)
-    return (_low_einsum("bhqd,bhkd->bhqk", g, v, p.dtype),
-            _low_einsum("bhqk,bhqd->bhkd", p, g, v.dtype))
-
-
-_pv_low.defvjp(_pv_low_fwd, _pv_low_bwd)
+_qk, _qk_low = _matmul_pair("bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd", "bhqk,bhqd->bhkd")
+_pv, _pv_low = _matmul_pair("bhqk,bhkd->bhqd", "bhqd,bhkd->bhqk", "bhqd,bhqk->bhkd")
 
