@@ -94,7 +94,12 @@ def main(argv):
         pretrained, step = ckpt_lib.restore_params(FLAGS.init_from, use_ema=True)
         if FLAGS.transfer_to_dit:
             return transfer_init(model, key, pretrained, step)
-        merged, new = ckpt_lib.merge_pretrained(jax.jit(model.init)(key), pretrained)
+        fresh = jax.jit(model.init)(key)
+        merged, new = ckpt_lib.merge_pretrained(fresh, pretrained)
+        dropped = ckpt_lib.unused_pretrained(fresh, pretrained)
+        if dropped:  # e.g. the label table of a class-conditional pretraining
+            log.warning("pretrained parameters the finetune's model has no place for, left "
+                        "out: %s", ", ".join(dropped))
         # Only the label embedding is new in a finetune; anything else starting fresh
         # means the pretraining built another model than this one.
         unfit = [k for k in new if "label_embed" not in k]

@@ -64,6 +64,19 @@ def test_merge_pretrained_takes_matching_leaves_and_keeps_the_rest_fresh():
     assert sorted(new) == ["['head']['w']", "['label_embed']['embeddings']"]
 
 
+def test_unused_pretrained_names_what_a_finetune_leaves_out():
+    """A class-conditional pretraining finetuned with --noclass_conditional dropped its
+    label table while the log said only "new parameters: none"."""
+    from unidiff.train.checkpoint import unused_pretrained
+
+    fresh = {"enc": {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}}
+    pretrained = {"enc": {"w": np.ones((2, 3)), "b": np.ones(4)}, "label_embed": {"e": np.ones((11, 3))}}
+    assert unused_pretrained(fresh, pretrained) == ["['enc']['b']", "['label_embed']['e']"]
+    assert unused_pretrained(fresh, {"enc": {"w": np.ones((2, 3))}}) == []
+    merged, new = merge_pretrained(fresh, pretrained)
+    assert new == ["['enc']['b']"]  # the other side of the same comparison
+
+
 def test_finetune_starts_from_the_pretrained_params(tiny_pretrained, tiny_finetuned):
     from unidiff.train import workdir as wd
 

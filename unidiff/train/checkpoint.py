@@ -162,6 +162,16 @@ def merge_pretrained(fresh: Any, pretrained: Any) -> tuple[Any, list[str]]:
     return merged, new
 
 
+def unused_pretrained(fresh: Any, pretrained: Any) -> list[str]:
+    """Paths of ``pretrained``'s leaves that ``merge_pretrained`` would not copy into
+    ``fresh`` (no leaf of that path and shape there): what a finetune drops, e.g. a
+    label table under ``--noclass_conditional``."""
+    flat_fresh = {jax.tree_util.keystr(p): tuple(v.shape)
+                  for p, v in jax.tree_util.tree_flatten_with_path(fresh)[0]}
+    return [k for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]
+            if flat_fresh.get(k := jax.tree_util.keystr(p)) != tuple(v.shape)]
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
