@@ -151,12 +151,7 @@ def pretraining_model(run):
     # The pretraining's own channels (check_transfer then refuses a DiT on other data).
     channels = int(recorded.get("in_channels", run.model_config.in_channels))
     source = loop.model_config_for(pre_cfg, run.image_size, channels, 0)
-    changed = loop.resolved_differences(recorded, workdir_lib.json_model(source), skip=("num_classes",))
-    if changed:
-        raise ConfigError(f"--init_from {FLAGS.init_from}: its flags now build another model than "
-                          "the one it recorded (" + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b)
-                                                                in changed.items())
-                          + "); transfer with the unidiff version that ran it")
+    workdir_lib.check_finetune_fits(FLAGS.init_from, source, FLAGS.dataset)
     try:
         um.check_transfer(source, run.model_config)
     except ValueError as e:

@@ -50,22 +50,25 @@ def canonical_split(split: str) -> str:
 _HELD_OUT_FOLDERS = ("test", "val", "validation")
 
 
-def _split_folder(root: str, split: str, dataset: str, layout: str, requested: str | None = None) -> str:
+def _split_folder(root: str, split: str, dataset: str, layout: str) -> str:
     """``root/<split>`` for the folder-per-split datasets (folder, latents).
 
     Without a ``train`` folder, 'train' is ``root`` itself. Without a test folder
     there is no 'test' split: falling back to ``root`` would make it the training
     data, and a probe or evaluation on it would score the examples it was fit on.
-    A held-out split is the folder of the name asked for (``requested``: 'val' reads
-    val/ where both val/ and test/ exist, so tuning on val never scores test); the
+    ``split`` is the name as asked: a held-out split is the folder of that name ('val'
+    reads val/ where both val/ and test/ exist, so tuning on val never scores test); the
     other held-out names stand in only where that folder does not exist.
     """
     if split == "train":
         train = os.path.join(root, "train")
         return train if os.path.isdir(train) else root
     # The asked name first, then its synonym (val, validation), then the rest.
-    requested = requested if requested in _HELD_OUT_FOLDERS else "test"
-    names = sorted(_HELD_OUT_FOLDERS, key=lambda n: (n != requested, (n == "test") != (requested == "test")))
+    synonyms = ("val", "validation")
+    if split in synonyms:
+        names = [split, *(n for n in synonyms if n != split), "test"]
+    else:
+        names = ["test", *synonyms]
     for name in names:
         if os.path.isdir(os.path.join(root, name)):
             return os.path.join(root, name)
@@ -335,7 +338,7 @@ class ImageFolderSource:
             _check_all_split(root, "folder")
         else:
             top = root
-            root = _split_folder(top, split, "folder", "one folder of images per class", requested)
+            root = _split_folder(top, requested, "folder", "one folder of images per class")
             if root == top and any(os.path.isdir(os.path.join(top, n)) for n in _HELD_OUT_FOLDERS):
                 # The held-out folder would be read as one more class of training images.
                 raise DataError(f"--data_dir={top} has a test/ or val/ subfolder but no train/ "
@@ -570,7 +573,7 @@ class LatentSource:
         root = _require_dir(data_dir, "latents", "latents.npy (N, h, w, c) float32 and optional labels.npy")
         if split == "all":
             _check_all_split(root, "latents")
-        folder = root if split == "all" else _split_folder(root, split, "latents", "latents.npy", requested)
+        folder = root if split == "all" else _split_folder(root, requested, "latents", "latents.npy")
         self.path = os.path.join(folder, "latents.npy")
         if not os.path.isfile(self.path):
             raise DataError(f"--data_dir={root}: missing {self.path} (--dataset=latents expects latents.npy of shape (N, h, w, c) float32)")

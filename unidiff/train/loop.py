@@ -89,13 +89,18 @@ def clean_rows_warning(batch_size: int, r_t0: float, num_devices: int) -> str | 
             f"{num_devices} devices takes the same number, so {n_clean} per step: {effect}")
 
 
+def _resolved_field(old: dict[str, Any], key: str) -> Any:
+    """``key`` of the ``"resolved"`` record of the config.json ``old``; None if absent."""
+    record = old.get("resolved")
+    return record.get(key) if isinstance(record, dict) else None
+
+
 def _device_change_warning(old: dict[str, Any], batch_size: int, r_t0: float,
                            num_devices: int) -> str | None:
     """Why a resume on ``num_devices`` trains with other clean rows per step than the
     steps recorded in ``old`` (a config.json) did on theirs, or None (same rows, or a
     record without a device count)."""
-    record = old.get("resolved")
-    then = record.get("num_devices") if isinstance(record, dict) else None
+    then = _resolved_field(old, "num_devices")
     if isinstance(then, bool) or not isinstance(then, int) or then < 1 or then == num_devices:
         return None
     try:
@@ -183,8 +188,12 @@ def resolved_record(model_config: Any, recipe: uc.Recipe) -> dict[str, Any]:
     model config and the recipe, every default filled in. A later version of the code
     may resolve the same flags differently (a changed recipe default); a resume compares
     against this record, not against its own reading of the old flags."""
-    return json.loads(json.dumps({"model": dataclasses.asdict(model_config),
-                                  "recipe": dataclasses.asdict(recipe)}))
+    return {"model": model_record(model_config), "recipe": json.loads(json.dumps(dataclasses.asdict(recipe)))}
+
+
+def model_record(model_config: Any) -> dict[str, Any]:
+    """A model config as the ``"resolved"`` record stores it (JSON values)."""
+    return json.loads(json.dumps(dataclasses.asdict(model_config)))
 
 
 # What a "resolved" record must hold to be compared at all: the model's shape (every
@@ -258,12 +267,11 @@ def _check_resume(cfg: TrainConfig, info: Any, now: dict[str, Any]) -> int | Non
     if step is None or not os.path.exists(path):
         return step
     old = read_config_json(path, "workdir")
+    _check_resume_workers(cfg, old, path)
     then = _recorded_or_resolved(old, path, info)
     if then is None:
         cfg.check_resume_compatible(old, path)
-        _check_resume_workers(cfg, old, path)
         return step
-    _check_resume_workers(cfg, old, path)
     _check_resume_examples(cfg, old, path, info)
     model_diff = resolved_differences(then["model"], now["model"])
     recipe_diff = resolved_differences(then["recipe"], now["recipe"], skip=("label_dropout",))
@@ -352,8 +360,8 @@ def _data_order(cfg: TrainConfig, resume_step: int | None) -> str:
     a fresh start takes the current one."""
     if resume_step is None:
         return ud.DATA_ORDERS[0]
-    record = read_config_json(os.path.join(cfg.workdir, "config.json"), "workdir").get("resolved")
-    order = record.get("data_order") if isinstance(record, dict) else None
+    order = _resolved_field(read_config_json(os.path.join(cfg.workdir, "config.json"), "workdir"),
+                            "data_order")
     if order is None:
         return "seed_plus_epoch"
     if order not in ud.DATA_ORDERS:
@@ -367,8 +375,7 @@ def _check_resume_examples(cfg: TrainConfig, old: dict[str, Any], path: str, inf
     """The saved stream position indexes a shuffle of the run's N examples; over another
     number the permutation is another one (examples repeated or skipped within the epoch)
     and, under --epochs, the step count and LR schedule change mid-run."""
-    record = old.get("resolved")
-    then = record.get("num_examples") if isinstance(record, dict) else None
+    then = _resolved_field(old, "num_examples")
     if isinstance(then, int) and not isinstance(then, bool) and then != info.num_examples:
         raise ConfigError(
             f"--data_dir {cfg.data_dir}: its {cfg.dataset} training split has "

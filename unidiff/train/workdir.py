@@ -23,7 +23,7 @@ from unidiff import data as ud
 from unidiff import models as um
 from unidiff.train import checkpoint as ckpt_lib
 from unidiff.train.config import INHERITED, ConfigError, TrainConfig, read_config_json, resolve_arch
-from unidiff.train.loop import recorded, resolve, resolved_differences, resolved_record
+from unidiff.train.loop import model_record, recorded, resolve, resolved_differences, resolved_record
 
 log = logging.getLogger("unidiff")
 
@@ -218,22 +218,18 @@ def recorded_model(init_from: str) -> dict[str, Any] | None:
 
 
 def check_finetune_fits(init_from: str, model_config: um.ModelConfig, dataset: str) -> None:
-    """ConfigError unless the finetune's ``model_config`` is the model the pretraining
-    ``init_from`` recorded, but for the label table a finetune adds. A dataset with
-    other channels (or a code default changed since the pretraining) would otherwise be
-    found only when the parameters are merged, after the run has started."""
+    """ConfigError unless ``model_config`` (the finetune's model, or the pretraining's as
+    a USP transfer rebuilds it) is the model the pretraining ``init_from`` recorded, but
+    for the label table a finetune adds. A dataset with other channels (or a code default
+    changed since the pretraining) would otherwise be found only when the parameters are
+    merged, after the run has started."""
     then = recorded_model(init_from)
     if then is None:
         return
-    diff = resolved_differences(then, json_model(model_config), skip=("num_classes",))
+    diff = resolved_differences(then, model_record(model_config), skip=("num_classes",))
     if diff:
         raise ConfigError(
-            f"--init_from {init_from}: the finetune on --dataset {dataset} would build another "
-            "model than the one its pretraining recorded ("
+            f"--init_from {init_from}: on --dataset {dataset} the flags build another model "
+            "than the one its pretraining recorded ("
             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
             + "); finetune on data like the pretraining's, with the unidiff version that ran it")
-
-
-def json_model(model_config: um.ModelConfig) -> dict[str, Any]:
-    """A ModelConfig as the resolved record stores it."""
-    return resolved_record(model_config, uc.recipes.get("umd"))["model"]
