@@ -122,19 +122,16 @@ def main(argv):
             raise UsageError(f"--workdir {FLAGS.workdir}: dataset {trained.cfg.dataset} has "
                              f"{trained.dataset_classes} classes; the probe needs labels")
         try:
-            splits = (ud.canonical_split(FLAGS.train_split), ud.canonical_split(FLAGS.test_split))
-        except ValueError as e:
-            raise UsageError(f"--train_split/--test_split: {e}") from None
-        if splits[0] == splits[1] or "all" in splits:
-            raise UsageError(f"--train_split/--test_split: {FLAGS.train_split} and "
-                             f"{FLAGS.test_split} share examples; the probe must be scored on "
-                             "images it was not fit on")
-        try:
             # A folder or latents data_dir without a test/ subfolder refuses 'test' here.
             train_src = ud.build_source(trained.cfg.dataset, trained.data_dir, FLAGS.train_split)
             test_src = ud.build_source(trained.cfg.dataset, trained.data_dir, FLAGS.test_split)
         except ValueError as e:
             raise UsageError(f"--train_split/--test_split: {e}") from None
+        if ud.splits_share_examples(trained.cfg.dataset, FLAGS.train_split, train_src,
+                                    FLAGS.test_split, test_src):
+            raise UsageError(f"--train_split/--test_split: {FLAGS.train_split} and "
+                             f"{FLAGS.test_split} share examples; the probe must be scored on "
+                             "images it was not fit on")
         train_labels = source_labels(train_src)
         read = {}  # index -> example (None: unreadable), each file decoded once
 

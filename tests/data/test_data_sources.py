@@ -352,3 +352,24 @@ def test_readable_examples_scan_in_the_given_order():
     source = [{"label": i} if i % 3 else None for i in range(10)]  # 0, 3, 6, 9 unreadable
     got = [i for i, _ in ud.readable_examples(source, 3, order=[9, 8, 6, 5, 4, 1])]
     assert got == [8, 5, 4]
+
+
+def test_splits_share_examples(tmp_path, fakes):
+    """val and test are one split of the in-memory datasets, two of a tree that has both
+    folders, and one again where val/ stands in for a missing test/ (or the reverse)."""
+    def share(name, data_dir, a, b):
+        return ud.splits_share_examples(name, a, ud.build_source(name, data_dir, a),
+                                        b, ud.build_source(name, data_dir, b))
+
+    assert not share("digits", None, "train", "test")
+    assert share("digits", None, "val", "test")
+    assert share("synthetic", None, "all", "test")
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        fakes.write_latents(str(tmp_path / split), n=3)
+    assert share("latents", str(tmp_path), "val", "test")  # val/ read for both
+    assert not share("latents", str(tmp_path), "train", "val")
+    (tmp_path / "test").mkdir()
+    fakes.write_latents(str(tmp_path / "test"), n=3)
+    assert not share("latents", str(tmp_path), "val", "test")
+    assert share("latents", str(tmp_path), "validation", "val")

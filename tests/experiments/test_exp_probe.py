@@ -144,3 +144,23 @@ def test_probe_negative_seed_names_seed(tmp_path):
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("probe.py: error: --seed"), lines
     assert "--shots" not in lines[0], lines
+
+
+def test_probe_val_and_test_folders_are_distinct_splits(tmp_path):
+    """'val' reads val/ where test/ exists too, so fitting on val and scoring on test
+    shares no image and is allowed; on a tree without val/ both names read test/."""
+    data = tmp_path / "three"
+    _write_classes(data / "train", per_class=2, seed=0)
+    _write_classes(data / "val", per_class=3, seed=1)
+    _write_classes(data / "test", per_class=4, seed=2)
+    workdir = _folder_workdir(tmp_path, data)
+    r = _result(run_binary("probe.py", [f"--workdir={workdir}", "--pixels", "--shots=3",
+                                        "--train_split=val", "--test_split=test"]))
+    assert (r["num_train"], r["num_test"]) == (6, 8)
+
+    (data / "val").rename(tmp_path / "val_moved")
+    proc = run_binary("probe.py", [f"--workdir={workdir}", "--pixels", "--shots=3",
+                                   "--train_split=val", "--test_split=test"], check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert len(lines) == 1 and "share examples" in lines[0], lines

@@ -20,6 +20,7 @@ from unidiff.data.registry import (
     build_source,
     dataset_info,
     source_info,
+    splits_share_examples,
     validate_data,
 )
 from unidiff.data.sources import (
@@ -67,6 +68,7 @@ __all__ = [
     "readable_examples",
     "sample_crop_box",
     "source_info",
+    "splits_share_examples",
     "steps_per_epoch",
     "subset_order",
     "to_unit_range",

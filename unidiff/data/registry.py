@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 from unidiff.data import sources as S
@@ -44,6 +45,26 @@ def build_source(name: str, data_dir: str | None = None, split: str = "train") -
         # Disjoint streams for train and test; 'all' is the train stream.
         return S.SyntheticSource(num_examples=256 if split != "test" else 64, seed=0 if split != "test" else 1)
     raise DataError(f"--dataset={name!r}: expected one of {', '.join(DATASETS)}")
+
+
+def splits_share_examples(name: str, split_a: str, source_a: Any, split_b: str,
+                          source_b: Any) -> bool:
+    """Whether two built splits of ``--dataset=name`` can hold the same examples.
+
+    'all' holds every split. Names of one canonical split ('test', 'val') are the same
+    examples, except for folder and latents trees with both a test/ and a val/ folder,
+    where each name reads its own folder (see ``sources._split_folder``).
+    """
+    a, b = S.canonical_split(split_a), S.canonical_split(split_b)
+    if "all" in (a, b):
+        return True
+    if a != b:
+        return False
+    if name == "folder":
+        return os.path.realpath(source_a.root) == os.path.realpath(source_b.root)
+    if name == "latents":
+        return os.path.realpath(source_a.path) == os.path.realpath(source_b.path)
+    return True
 
 
 def source_info(source: Any) -> DatasetInfo:
