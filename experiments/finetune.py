@@ -25,6 +25,7 @@ needs as many encoder blocks as the DiT variant has blocks: a ``--recipe=usp`` (
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from absl import app, flags
@@ -76,7 +77,17 @@ def main(argv):
                 raise ConfigError(f"--transfer_to_dit: trains a DiT on the DiT objective, so "
                                   f"--recipe must be dit (got {FLAGS.recipe})")
             fixed.update(arch="dit_affine", num_cls_tokens=-1, si_position=None)
-        run = loop.prepare(cli.config_from_flags(FLAGS, **fixed))
+        try:
+            run = loop.prepare(cli.config_from_flags(FLAGS, **fixed))
+        except ConfigError as e:
+            # This binary has no flag of that name: the value came from the pretraining.
+            named = re.match(r"--(\w+)", str(e))
+            if named and named.group(1) in INHERITED:
+                copied = ", ".join(f"{k} {v!r}" for k, v in fixed.items())
+                raise ConfigError(f"--init_from {FLAGS.init_from}: the model flags a finetune "
+                                  f"copies from its pretraining ({copied}) do not build a model "
+                                  f"here: {e}") from None
+            raise
         # A fresh start refuses here a pretraining that cannot fill this model (another
         # channel count, another default since), and a transfer's initialisation reuses
         # the model built for the check (a resume needs neither).

@@ -10,6 +10,8 @@ and its label embedding is the fresh initialisation's.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 
 import grain
@@ -22,7 +24,7 @@ import pytest
 
 from tests.e2e_helpers import TINY, read_metrics, run_binary
 from unidiff.train.checkpoint import ITEMS, Checkpointer, checkpoint_dir, merge_pretrained
-from unidiff.train.config import INHERITED, TrainConfig
+from unidiff.train.config import INHERITED, ConfigError, TrainConfig
 from unidiff.train.state import init_state
 from unidiff.train.workdir import inherited_flags
 
@@ -286,3 +288,37 @@ def test_finetune_on_data_with_other_channels_is_refused_up_front(tiny_pretraine
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith(f"finetune.py: error: --") and needle in last, last
         assert not ft.exists()
+
+
+@pytest.mark.parametrize("bad,needle", [(dict(model=5), "'model' is 5, expected a string"),
+                                        (dict(image_size="8"), "'image_size' is \"8\", expected an integer")])
+def test_a_pretraining_config_json_value_of_the_wrong_type_is_named(tmp_path, bad, needle):
+    """A hand-edited value of the wrong type in the pretraining's config.json ended the
+    finetune in a traceback ('int' object has no attribute 'rsplit')."""
+    pre = _pretrain_config(tmp_path, model="N/2")
+    path = os.path.join(pre, "config.json")
+    with open(path) as f:
+        raw = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**raw, **bad}, f)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {needle}")):
+        inherited_flags(pre, "umd_finetune", "digits")
+
+
+def test_a_bad_inherited_model_flag_names_the_pretraining(tmp_path):
+    """finetune.py has no --image_size or --model flag: an error about a value copied from
+    the pretraining named only a flag the user cannot set."""
+    pre = _pretrain_config(tmp_path, dataset="synthetic", model="P/2", image_size=8)
+    path = os.path.join(pre, "config.json")
+    with open(path) as f:
+        raw = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**raw, "model": "P/3"}, f)
+    proc = run_binary("finetune.py", ["--dataset=synthetic", "--batch_size=8", "--train_steps=1",
+                                      f"--init_from={pre}", f"--workdir={tmp_path / 'ft'}"],
+                      check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"finetune.py: error: --init_from {pre}: "), lines
+    assert "model 'P/3'" in lines[0] and "not divisible by the patch size 3" in lines[0], lines
+    assert not (tmp_path / "ft").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from fractions import Fraction
 
 import grain
@@ -54,6 +55,7 @@ CASES = [
     (dict(seed=-1), "--seed: must be >= 0"),
     (dict(train_steps=-5, epochs=0.1), "--train_steps: must be >= 0"),
     (dict(warmup_steps=-2), "--warmup_steps"),
+    (dict(num_cls_tokens=-2), "--num_cls_tokens"),
     (dict(min_lr=1e-3), "--min_lr: 0.001 is above the peak learning rate 4.69e-06"),
     # Architecture and recipe that cannot train together: caught here, not when tracing.
     (dict(arch="mdt"), "--arch mdt does not fit --recipe umd"),  # no x0 head for t = 0
@@ -435,13 +437,27 @@ def test_other_data_under_the_same_flags_is_named_as_the_data(tmp_path, other, f
     assert "version" not in msg
 
 
-@pytest.mark.parametrize("bad,needle", [(dict(model=5), "--model: 'N/2' differs from 5"),
-                                        (dict(model=None), "--model: 'N/2' differs from None"),
-                                        (dict(arch=None), "--arch: 'auto' differs from None")])
+@pytest.mark.parametrize("bad,needle", [(dict(model=5), "'model' is 5, expected a string"),
+                                        (dict(model=None), "'model' is null, expected a string"),
+                                        (dict(arch=None), "'arch' is null, expected a string"),
+                                        (dict(image_size="8"), "'image_size' is \"8\", expected an integer"),
+                                        (dict(seed=True), "'seed' is true, expected an integer"),
+                                        (dict(r_t0="0.5"), "'r_t0' is \"0.5\", expected a number or null")])
+def test_a_config_json_value_of_the_wrong_type_is_named(tmp_path, bad, needle):
+    """A hand-edited config.json value of the wrong type ended in an AttributeError,
+    KeyError or TypeError traceback from whichever builder first used it."""
+    cfg = _began(tmp_path, False)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg.to_json(), **bad}))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        loop.prepare(cfg)
+
+
+@pytest.mark.parametrize("bad,needle", [(dict(model="Z/9"), "--model: 'N/2' differs from 'Z/9'"),
+                                        (dict(arch="nope"), "--arch: 'auto' differs from 'nope'")])
 def test_an_old_config_json_whose_flags_cannot_be_built_names_the_flag(tmp_path, bad, needle):
     """A config.json without a resolved record has its flags resolved by this code; one
-    whose values cannot be (hand-edited) ended in an AttributeError or KeyError traceback
-    instead of the flag comparison that names them."""
+    whose values cannot be (hand-edited) ended in a traceback instead of the flag
+    comparison that names them."""
     cfg = _began(tmp_path, False)
     (tmp_path / "config.json").write_text(json.dumps({**cfg.to_json(), **bad}))
     with pytest.raises(ConfigError, match=needle):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from collections.abc import Collection
 from typing import Any
 
@@ -42,6 +43,27 @@ def read_config_json(path: str, flag: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"--{flag}: {path} is not a JSON object of training flags")
     return raw
+
+
+def _json_value_fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has the type of a TrainConfig field (a JSON integer serves
+    a float field; a boolean is neither)."""
+    for tp in typing.get_args(hint) or (hint,):
+        if value is None and tp is type(None):
+            return True
+        if isinstance(value, bool):
+            if tp is bool:
+                return True
+        elif (tp is int and isinstance(value, int)) or (tp is float and isinstance(value, (int, float))) \
+                or (tp is str and isinstance(value, str)):
+            return True
+    return False
+
+
+def _type_words(hint: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             type(None): "null"}
+    return " or ".join(names[tp] for tp in typing.get_args(hint) or (hint,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +137,9 @@ class TrainConfig:
             fail("seed", f"must be >= 0, got {self.seed}")
         if self.image_size < 0:
             fail("image_size", f"must be >= 0 (0 = native size), got {self.image_size}")
+        if self.num_cls_tokens < -1:
+            fail("num_cls_tokens", f"must be >= 0, or -1 for the architecture's default; got "
+                 f"{self.num_cls_tokens}")
         for flag in ("base_lr", "min_lr", "weight_decay"):
             v = getattr(self, flag)
             if not (math.isfinite(v) and v >= 0):  # written so that NaN fails too
@@ -182,9 +207,18 @@ class TrainConfig:
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "TrainConfig":
         """The TrainConfig of a config.json's dict. Keys it does not know (``"resolved"``,
-        flags of a newer version) are left out; TypeError if a required one is missing."""
+        flags of a newer version) are left out; TypeError if a required one is missing,
+        ConfigError naming the key if a value has the wrong type."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        hints = typing.get_type_hints(cls)
+        for key, value in kwargs.items():
+            # A hand-edited file ("image_size": "8") would otherwise fail far from here,
+            # as a traceback from whichever builder first uses the value.
+            if not _json_value_fits(value, hints[key]):
+                raise ConfigError(f"{key!r} is {json.dumps(value)}, expected "
+                                  f"{_type_words(hints[key])}")
+        return cls(**kwargs)
 
     def check_resume_compatible(self, old: dict[str, Any], path: str,
                                 equivalent: Collection[str] = ()) -> None:

@@ -244,7 +244,7 @@ def _recorded_or_resolved(old: dict[str, Any], path: str, info: Any) -> dict[str
     try:
         return resolved_record(*resolve(TrainConfig.from_json(old), info))
     except (ConfigError, TypeError, ValueError, AttributeError, KeyError):
-        # A hand-edited value (--model 5, --arch null) fails where the builders first use
+        # A hand-edited value (--model Z/9, --arch nope) fails where the builders first use
         # it; the flags are then compared as written, which names the flag.
         return None
 
@@ -315,14 +315,14 @@ def check_workdir_contents(workdir: str) -> None:
     config = os.path.join(workdir, "config.json")
     if os.path.exists(config):
         raw = read_config_json(config, "workdir")
-        try:
-            TrainConfig.from_json(raw)
-            ok = {"recipe", "model", "dataset"} <= raw.keys()
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
+        if not {"workdir", "recipe", "model", "dataset"} <= raw.keys():
             raise ConfigError(f"--workdir {workdir}: {config} is not a unidiff run's config.json, "
                               "and a run would overwrite it; use a new --workdir")
+        try:
+            TrainConfig.from_json(raw)
+        except ConfigError as e:  # a run's config.json with a hand-edited value
+            raise ConfigError(f"--workdir {workdir}: {config}: {e}; restore the file or use a "
+                              "new --workdir") from None
     elif os.path.isdir(ckpts) and os.listdir(ckpts):
         raise ConfigError(f"--workdir {workdir}: it has checkpoints but no config.json, so the "
                           "flags they were trained with are unknown; restore config.json or use "

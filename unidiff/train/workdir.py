@@ -71,7 +71,7 @@ def _train_config(path: str, raw: dict[str, Any]) -> TrainConfig:
     try:
         # Unknown keys may come from a newer version; everything the model needs is known.
         return TrainConfig.from_json(raw)
-    except TypeError as e:
+    except (TypeError, ConfigError) as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
