@@ -10,7 +10,8 @@
 Features are the 2048-d pool features of the FID Inception-v3 (``unidiff.eval.inception``;
 images of any size are resized bilinearly to 299x299, one channel repeated to three).
 Statistics are float64 streaming mean and covariance; the Inception Score uses the
-softmax over the network's 1008 logits in ``--is_splits`` chunks.
+softmax over the network's 1008 logits without the classifier's bias (as the original IS
+code) in ``--is_splits`` chunks.
 
 The weights are NOT downloaded: ``--inception_weights`` is a local ``.npz`` in the format
 of ``unidiff/eval/inception.py``, made from the standard FID Inception weights
@@ -218,7 +219,7 @@ def main(argv):
             out = forward(params, batch)
             stats.update(np.asarray(out.pool, np.float64)[:real])
             if want_probs:
-                probs.append(np.asarray(jax.nn.softmax(out.logits.astype(np.float32)), np.float64)[:real])
+                probs.append(np.asarray(jax.nn.softmax(out.logits_unbiased.astype(np.float32)), np.float64)[:real])
         return stats, (np.concatenate(probs) if want_probs else None)
 
     start = time.perf_counter()

@@ -300,6 +300,9 @@ def test_preprocess_resizes_and_rescales():
     np.testing.assert_allclose(got, np.repeat(u8 / 127.5 - 1.0, 3, axis=-1), atol=1e-6)  # no resize
     with pytest.raises(ValueError, match="C in"):
         inc.preprocess(jnp.zeros((1, 8, 8, 2)))
+    # uint8 + an int32 scalar is int32: its 0..255 values are not [-1, 1] floats.
+    with pytest.raises(ValueError, match="got dtype int32"):
+        inc.preprocess(jnp.asarray(u8) + jnp.int32(0))
 
 
 def test_average_pool_excludes_padding():
@@ -322,7 +325,15 @@ def test_random_weight_forward_gives_pool_features():
     assert np.all(np.isfinite(pool)) and np.all(np.isfinite(logits))
     assert np.all(pool >= 0)  # average of ReLU outputs
     assert pool.std() > 0 and not np.allclose(pool[0], pool[1])
-    np.testing.assert_allclose(logits, pool @ np.asarray(params["fc"]["w"]), rtol=1e-4, atol=1e-4)
+    w = np.asarray(params["fc"]["w"])
+    np.testing.assert_allclose(logits, pool @ w, rtol=1e-4, atol=1e-4)
+    # The Inception Score's logits leave out the classifier's bias (the original code's
+    # softmax/logits/MatMul); random_params has none, so give it one.
+    b = rng.standard_normal(1008).astype(np.float32)
+    params = {**params, "fc": {**params["fc"], "b": jnp.asarray(b)}}
+    out = jax.jit(net.apply)(params, images)
+    np.testing.assert_allclose(np.asarray(out.logits_unbiased), pool @ w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.logits), pool @ w + b, rtol=1e-4, atol=1e-4)
 
 
 def test_convert_file_and_weights_round_trip(tmp_path, converted):
@@ -377,8 +388,17 @@ def test_convert_file_names_bad_output_before_reading_and_unreadable_input(tmp_p
     single = tmp_path / "single.npz"
     with open(single, "wb") as f:
         np.save(f, np.zeros(3))
-    with pytest.raises(ValueError, match="--input .*single.npz.*single array"):
+    with pytest.raises(ValueError, match="--input .*single.npz.*not a zip archive"):
         convert_file(str(single), str(tmp_path / "out.npz"))
+    text = tmp_path / "text.npz"  # numpy's own message suggested allow_pickle=True
+    text.write_text("not weights")
+    with pytest.raises(ValueError, match="--input .*text.npz.*not a zip archive") as e:
+        convert_file(str(text), str(tmp_path / "out.npz"))
+    assert "pickle" not in str(e.value)
+    strings = tmp_path / "strings.npz"
+    np.savez(strings, **{"fc.bias": np.array(["a", "b"])})
+    with pytest.raises(ValueError, match="--input .*strings.npz.*'fc.bias' is not an array of numbers"):
+        convert_file(str(strings), str(tmp_path / "out.npz"))
     assert not (tmp_path / "out.npz").exists()
 
 

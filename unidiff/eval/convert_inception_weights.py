@@ -66,7 +66,10 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if mapped is None:
             continue
         key, transpose = mapped
-        arr = np.asarray(value, dtype=np.float32)
+        try:
+            arr = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"state dict entry {name!r} is not an array of numbers ({e})") from None
         if transpose:
             arr = arr.transpose(2, 3, 1, 0) if arr.ndim == 4 else arr.T
         flat[key] = np.ascontiguousarray(arr)
@@ -82,9 +85,10 @@ def _load_state_dict(path: str) -> dict[str, np.ndarray]:
     """A torch ``.pth`` (needs torch) or an ``.npz`` of the state dict's arrays under torch names."""
     if path.endswith(".npz"):
         try:
+            # numpy guesses a pickle for anything else and suggests allow_pickle.
+            if not zipfile.is_zipfile(path):
+                raise ValueError("not a zip archive: a single .npy array, or another kind of file")
             data = np.load(path, allow_pickle=False)
-            if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy loads as an array
-                raise ValueError("it holds a single array, not named ones")
             with data:
                 return {k: data[k] for k in data.files}
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
@@ -113,7 +117,12 @@ def convert_file(input_path: str, output_path: str) -> None:
         raise ValueError(f"--input {input_path!r} not found")
     # Before reading ~100 MB of weights: a bad --output would otherwise fail only at the end.
     check_output_file("output", output_path, {"input": input_path})
-    flat = convert_state_dict(_load_state_dict(input_path))
+    try:
+        flat = convert_state_dict(_load_state_dict(input_path))
+    except ValueError as e:
+        if str(e).startswith("--input"):
+            raise
+        raise ValueError(f"--input {input_path!r}: {e}") from None
     num_classes = flat["fc/b"].shape[0] if "fc/b" in flat else inception.NUM_CLASSES
     inception.validate_flat_params(flat, input_path, num_classes)
     # Atomic: a write that dies part way leaves an existing weights file as it was.

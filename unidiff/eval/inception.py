@@ -25,9 +25,12 @@ antialiasing: the same as ``torch.nn.functional.interpolate(mode="bilinear",
 align_corners=False)`` used by pytorch-fid). Because bilinear resizing is linear, resizing
 in [-1, 1] equals pytorch-fid's resize-then-``2x - 1``.
 
-Outputs: ``InceptionOutput(pool (N, 2048), logits (N, 1008))``. ``pool`` is the global
-average of ``Mixed_7c`` (the FID feature); ``softmax(logits)`` over all 1008 classes is
-what the original Inception Score code uses.
+Outputs: ``InceptionOutput(pool (N, 2048), logits (N, 1008), logits_unbiased (N, 1008))``.
+``pool`` is the global average of ``Mixed_7c`` (the FID feature). ``logits`` is the
+classifier, ``pool @ fc/w + fc/b``; the original Inception Score code takes the softmax
+over all 1008 classes of ``pool @ fc/w``, without the bias (the input of its graph's
+``softmax/logits/MatMul``; torch-fidelity's ``logits_unbiased``), which is
+``logits_unbiased``.
 
 Weights file format
 -------------------
@@ -88,7 +91,8 @@ CONVERT_HINT = (
 
 class InceptionOutput(NamedTuple):
     pool: Float[Array, "n 2048"]
-    logits: Float[Array, "n classes"]
+    logits: Float[Array, "n classes"]  # pool @ fc/w + fc/b, the classifier
+    logits_unbiased: Float[Array, "n classes"]  # pool @ fc/w, what the Inception Score uses
 
 
 def preprocess(images: Num[Array, "n h w c"]) -> Float[Array, "n 299 299 3"]:
@@ -99,8 +103,12 @@ def preprocess(images: Num[Array, "n h w c"]) -> Float[Array, "n 299 299 3"]:
         )
     if images.dtype == jnp.uint8:
         x = images.astype(jnp.float32) / 127.5 - 1.0
-    else:
+    elif jnp.issubdtype(images.dtype, jnp.floating):
         x = images.astype(jnp.float32)
+    else:
+        # An int32 image (uint8 + an int32 scalar) would pass as [-1, 1] values up to 255.
+        raise ValueError(f"images must be uint8 in [0, 255] or floating point in [-1, 1], "
+                         f"got dtype {images.dtype}")
     if x.shape[-1] == 1:
         x = jnp.repeat(x, 3, axis=-1)
     n, h, w, c = x.shape
@@ -258,8 +266,13 @@ def inception_v3(images: Num[Array, "n h w c"], num_classes: int = NUM_CLASSES) 
     x = _block_e(x, "Mixed_7b", max_pool_branch=False)
     x = _block_e(x, "Mixed_7c", max_pool_branch=True)
     pool = jnp.mean(x, axis=(1, 2))
-    logits = hk.Linear(num_classes, name="fc")(pool)
-    return InceptionOutput(pool=pool, logits=logits)
+    # hk.Linear's parameters and init, applied by hand to keep the product without the bias.
+    with hk.name_scope("fc"):
+        w = hk.get_parameter("w", (POOL_DIM, num_classes), pool.dtype,
+                             init=hk.initializers.TruncatedNormal(1.0 / np.sqrt(POOL_DIM)))
+        b = hk.get_parameter("b", (num_classes,), pool.dtype, init=jnp.zeros)
+    logits_unbiased = pool @ w
+    return InceptionOutput(pool=pool, logits=logits_unbiased + b, logits_unbiased=logits_unbiased)
 
 
 def make_inception(num_classes: int = NUM_CLASSES) -> hk.Transformed:
