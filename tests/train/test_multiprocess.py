@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
+import jax
 import numpy as np
+import pytest
 
 from tests.e2e_helpers import ROOT, child_env, losses_by_step, run_binary
 
@@ -17,24 +23,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_single_process(tmp_path, tiny_args):
-    common = tiny_args + ["--batch_size=8", "--train_steps=8"]
-    run_binary("pretrain.py", common + [f"--workdir={tmp_path / 'single'}"])
-
+def _start_two(args: list[str], workdir, devices_per_process: int = 1) -> list[subprocess.Popen]:
     port = _free_port()
     env = child_env()
-    # One CPU device per process, whatever the session's flags say.
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "device_count" not in f)
-    procs = [
+    env["XLA_FLAGS"] = " ".join([f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+                                + [f"--xla_force_host_platform_device_count={devices_per_process}"])
+    return [
         subprocess.Popen(
-            [sys.executable, str(ROOT / "experiments" / "pretrain.py"), *common,
-             f"--workdir={tmp_path / 'multi'}", f"--coordinator_address=127.0.0.1:{port}",
+            [sys.executable, str(ROOT / "experiments" / "pretrain.py"), *args,
+             f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
              "--num_processes=2", f"--process_id={i}"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(2)
     ]
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[str]:
     outs = []
     for p in procs:
         try:
@@ -45,10 +50,113 @@ def test_two_processes_match_single_process(tmp_path, tiny_args):
         outs.append(out)
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
-    assert "2 devices" in outs[0]
+    return outs
 
-    single, multi = losses_by_step(tmp_path / "single"), losses_by_step(tmp_path / "multi")
-    assert sorted(single) == sorted(multi) == list(range(1, 9))
+
+def test_two_processes_match_single_process_and_resume_on_other_devices(tmp_path, tiny_args):
+    """Two processes train as one. A checkpoint restores on another device count per
+    process, and one process reads its parameters; it resumes only under as many
+    processes as wrote it (before, both failed at the restore, blamed on damaged files)."""
+    common = tiny_args + ["--batch_size=8", "--train_steps=8"]
+    run_binary("pretrain.py", common + [f"--workdir={tmp_path / 'single'}"])
+
+    multi = tmp_path / "multi"
+    outs = _finish(_start_two(common + ["--stop_after=4"], multi, devices_per_process=1))
+    assert "2 devices" in outs[0]
+    outs = _finish(_start_two(common, multi, devices_per_process=2))
+    assert "resumed from" in outs[0] and "4 devices" in outs[0], outs[0][-3000:]
+
+    single, steps = losses_by_step(tmp_path / "single"), losses_by_step(multi)
+    assert sorted(single) == sorted(steps) == list(range(1, 9))
     np.testing.assert_allclose(
-        [single[s] for s in range(1, 9)], [multi[s] for s in range(1, 9)], rtol=2e-4, atol=1e-6
+        [single[s] for s in range(1, 9)], [steps[s] for s in range(1, 9)], rtol=2e-4, atol=1e-6
     )
+
+    from unidiff.train.checkpoint import restore_params
+
+    params, step = restore_params(str(multi))  # here: one process
+    ref, _ = restore_params(str(tmp_path / "single"))
+    assert step == 8
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-5)
+
+    proc = run_binary("pretrain.py", common[:-1] + ["--train_steps=12", f"--workdir={multi}"],
+                      check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and "--num_processes 1: checkpoint step 8" in lines[0], lines
+    assert "resume it with 2 processes (--num_processes=2)" in lines[0], lines
+
+
+def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path, tiny_args):
+    """Each process read its own stop flag: one that saw SIGTERM saved and left while the
+    other waited in the step's collectives (a gloo abort, no checkpoint)."""
+    workdir = tmp_path / "w"
+    procs = _start_two(tiny_args + ["--batch_size=8", "--train_steps=100000", "--log_every=1"],
+                       workdir)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert all(p.poll() is None for p in procs), [p.communicate()[0][-2000:] for p in procs]
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = _finish(procs)
+    saved = [re.search(r"signal 15: saved step (\d+), exiting", out) for out in outs]
+    assert all(saved), [out[-2000:] for out in outs]
+    step = int(saved[0].group(1))
+    assert int(saved[1].group(1)) == step >= 3
+    assert os.path.isdir(workdir / "checkpoints" / str(step))
+
+
+def _dist_flags(**kw):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"coordinator_address": None, "num_processes": None,
+                              "process_id": None, "distributed_auto": False, **kw})
+
+
+@pytest.mark.parametrize("kw,needle", [
+    # A malformed address was an IndexError traceback from inside jax.distributed.
+    (dict(coordinator_address="badaddress", num_processes=1, process_id=0), "--coordinator_address: expected host:port"),
+    (dict(coordinator_address="host:99999", num_processes=1, process_id=0), "--coordinator_address"),
+    (dict(coordinator_address=":1234", num_processes=1, process_id=0), "--coordinator_address"),
+    (dict(coordinator_address="h:1234", num_processes=2), "needs --num_processes and --process_id"),
+    # Reported as '--process_id 0 must be in [0, --num_processes 0)'.
+    (dict(coordinator_address="h:1234", num_processes=0, process_id=0), "--num_processes: must be >= 1"),
+    (dict(coordinator_address="h:1234", num_processes=2, process_id=2), "--process_id 2 must be in [0"),
+    (dict(num_processes=2), "need --coordinator_address"),
+    # --distributed_auto silently ignored the explicit flags.
+    (dict(distributed_auto=True, coordinator_address="h:1234", num_processes=2, process_id=0),
+     "--distributed_auto reads"),
+])
+def test_bad_distributed_flags_are_named(kw, needle):
+    from unidiff.train import cli
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        cli.check_distributed_flags(_dist_flags(**kw))
+
+
+def test_good_distributed_flags_pass():
+    from unidiff.train import cli
+
+    cli.check_distributed_flags(_dist_flags())
+    cli.check_distributed_flags(_dist_flags(distributed_auto=True))
+    cli.check_distributed_flags(_dist_flags(coordinator_address="10.0.0.1:1234", num_processes=2,
+                                            process_id=1))
+    cli.check_distributed_flags(_dist_flags(coordinator_address="[::1]:1234", num_processes=1,
+                                            process_id=0))
+
+
+def test_num_devices_below_all_devices_of_a_multi_process_run_is_refused(tmp_path, tiny_args):
+    """The mesh took the first --num_devices devices, all process 0's: the run wrote its
+    workdir and then died in shard_batch with a traceback."""
+    workdir = tmp_path / "w"
+    procs = _start_two(tiny_args + ["--batch_size=8", "--train_steps=2", "--num_devices=2"],
+                       workdir, devices_per_process=2)
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        errors = [line for line in out.splitlines() if line.startswith("pretrain.py: error")]
+        assert p.returncode == 2, out[-3000:]
+        assert len(errors) == 1 and "--num_devices 2: a run of 2 processes uses all 4" in errors[0], out[-3000:]
+    assert not workdir.exists()

@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unidiff.outputs import atomic_write
 from unidiff.train.state import TrainState
@@ -52,13 +55,18 @@ def _restoring(mngr: ocp.CheckpointManager, directory: str, step: int) -> Iterat
         ) from e
 
 
+def _item_handlers() -> dict[str, Any]:
+    # Named handlers (not item_names) let the manager read a step's metadata.
+    return {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+
+
 @contextlib.contextmanager
 def _reader(workdir: str) -> Iterator[tuple[str, ocp.CheckpointManager]]:
     """(directory, manager) for reading a workdir's checkpoints; closed on exit, errors included."""
     directory = checkpoint_dir(workdir)
     # create=False: reading a mistyped workdir must not make it (and its checkpoints/).
     mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                                 item_names=ITEMS)
+                                 item_handlers=_item_handlers())
     try:
         yield directory, mngr
     finally:
@@ -73,7 +81,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-            item_names=ITEMS,
+            item_handlers=_item_handlers(),
         )
 
     def latest_step(self) -> int | None:
@@ -91,7 +99,11 @@ class Checkpointer:
         return bool(saved)
 
     def restore(self, abstract_state: TrainState, data_iter: Any, step: int | None = None) -> TrainState:
-        """Restore the state and, in place, the position of ``data_iter``."""
+        """Restore the state and, in place, the position of ``data_iter``.
+
+        ``abstract_state`` carries the shardings to restore to (those of this run's mesh):
+        without them orbax restores to the mesh that saved, which fails where the
+        processes or devices have changed since."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.directory}")
@@ -121,10 +133,25 @@ def latest_step(workdir: str) -> int | None:
         return mngr.latest_step()
 
 
+def saved_process_count(workdir: str, step: int) -> int | None:
+    """How many processes wrote checkpoint ``step`` of ``workdir``: Grain saves one
+    position per process (``data/process_<i>-of-<n>.json``). None where it cannot be told."""
+    try:
+        names = os.listdir(os.path.join(checkpoint_dir(workdir), str(step), "data"))
+    except OSError:
+        return None
+    counts = {int(m.group(1)) for n in names if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", n))}
+    return counts.pop() if len(counts) == 1 else None
+
+
 def restore_params(workdir: str, use_ema: bool = True) -> tuple[Any, int]:
     """Load only the (EMA, if present and asked) parameters of a workdir's latest step.
 
-    Used by the finetune, sample and probe binaries; no template is needed.
+    Used by the finetune, sample and probe binaries. Every array comes back whole on this
+    process's first device, or, in a multi-process run, replicated on all devices (a
+    global array, as the run's jitted initialisation takes it), whatever mesh and
+    processes wrote it: restored as saved, a multi-process checkpoint asks for devices
+    of processes that are not there.
     """
     with _reader(workdir) as (directory, mngr):
         step = mngr.latest_step()
@@ -132,8 +159,16 @@ def restore_params(workdir: str, use_ema: bool = True) -> tuple[Any, int]:
             raise FileNotFoundError(
                 f"--workdir {workdir}: no checkpoint found under {directory}; run pretrain.py first"
             )
+        if jax.process_count() > 1:
+            here = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+        else:
+            here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         with _restoring(mngr, directory, step):
-            state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+            saved = mngr.item_metadata(step)["state"]
+            template = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
+            state = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(template)))["state"]
     # Restored without a template the NamedTuple comes back as a dict or list.
     fields = TrainState._fields
     if isinstance(state, (list, tuple)):

@@ -112,20 +112,43 @@ def define_distributed_flags() -> None:
                       "the cluster environment (Cloud TPU, SLURM, Open MPI, ...).")
 
 
-def maybe_initialize_distributed(FLAGS) -> None:
-    import jax
-
+def check_distributed_flags(FLAGS) -> None:
+    """ValueError naming the flag unless the distributed flags make sense together."""
+    if FLAGS.distributed_auto and (FLAGS.coordinator_address is not None
+                                   or FLAGS.num_processes is not None
+                                   or FLAGS.process_id is not None):
+        raise ValueError("--distributed_auto reads the coordinator, process count and index from "
+                         "the cluster environment: drop --coordinator_address/--num_processes/"
+                         "--process_id, or --distributed_auto to give them yourself")
     if FLAGS.coordinator_address is None:
-        if FLAGS.distributed_auto:
-            jax.distributed.initialize()
-        elif FLAGS.num_processes is not None or FLAGS.process_id is not None:
+        if FLAGS.num_processes is not None or FLAGS.process_id is not None:
             raise ValueError("--num_processes/--process_id need --coordinator_address")
         return
+    host, sep, port = FLAGS.coordinator_address.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"--coordinator_address: expected host:port of process 0 (e.g. "
+                         f"10.0.0.1:1234), got {FLAGS.coordinator_address!r}")
     if FLAGS.num_processes is None or FLAGS.process_id is None:
         raise ValueError("--coordinator_address needs --num_processes and --process_id")
+    if FLAGS.num_processes < 1:
+        raise ValueError(f"--num_processes: must be >= 1, got {FLAGS.num_processes}")
     if not 0 <= FLAGS.process_id < FLAGS.num_processes:
         raise ValueError(f"--process_id {FLAGS.process_id} must be in [0, --num_processes "
                          f"{FLAGS.num_processes})")
+
+
+def maybe_initialize_distributed(FLAGS) -> None:
+    import jax
+
+    check_distributed_flags(FLAGS)
+    if FLAGS.distributed_auto:
+        try:
+            jax.distributed.initialize()
+        except ValueError as e:  # e.g. no cluster environment to read
+            raise ValueError(f"--distributed_auto: {e}") from None
+        return
+    if FLAGS.coordinator_address is None:
+        return
     if jax.config.jax_platforms in (None, "", "cpu"):
         # Cross-process collectives on CPU need gloo.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from unidiff import corruption as uc
 from unidiff import data as ud
@@ -268,6 +270,7 @@ def _check_resume(cfg: TrainConfig, info: Any, now: dict[str, Any]) -> int | Non
         return step
     old = read_config_json(path, "workdir")
     _check_resume_workers(cfg, old, path)
+    _check_resume_processes(cfg, step)
     then = _recorded_or_resolved(old, path, info)
     if then is None:
         cfg.check_resume_compatible(old, path)
@@ -396,6 +399,20 @@ def _check_resume_workers(cfg: TrainConfig, old: dict[str, Any], path: str) -> N
             f"depends on the worker count; resume with --num_workers={then}")
 
 
+def _check_resume_processes(cfg: TrainConfig, step: int) -> None:
+    """Each process saves its own share of the data loader's position, so a checkpoint
+    restores only under as many processes as wrote it; another count failed at the
+    restore, blamed on damaged files."""
+    then = ckpt_lib.saved_process_count(cfg.workdir, step)
+    if then is not None and then != jax.process_count():
+        how = ("one process (no --coordinator_address)" if then == 1 else
+               f"{then} processes (--num_processes={then})")
+        raise ConfigError(
+            f"--num_processes {jax.process_count()}: checkpoint step {step} in {cfg.workdir} saved "
+            f"the data loader's position of {then} process{'es' if then != 1 else ''}, one part "
+            f"per process; resume it with {how}")
+
+
 # Flags that say how a run is executed, not what it trains: changing them on resume is
 # not worth a record (--num_workers must match, _check_resume_workers).
 OPERATIONAL_FLAGS = ("workdir", "data_dir", "log_every", "ckpt_every", "keep_checkpoints",
@@ -449,6 +466,12 @@ def prepare(cfg: TrainConfig) -> Run:
     num_devices = cfg.num_devices or jax.device_count()
     if num_devices > jax.device_count():
         raise ConfigError(f"--num_devices {num_devices}: only {jax.device_count()} devices exist")
+    if jax.process_count() > 1 and num_devices != jax.device_count():
+        # The mesh takes the first devices, all of them process 0's: the others would
+        # feed their batch rows to no device of theirs.
+        raise ConfigError(f"--num_devices {num_devices}: a run of {jax.process_count()} processes "
+                          f"uses all {jax.device_count()} of their devices; leave --num_devices "
+                          "at 0")
     if cfg.batch_size % num_devices:
         raise ConfigError(
             f"--batch_size {cfg.batch_size} is not divisible by the {num_devices} devices"
@@ -507,6 +530,15 @@ class _Stop:
     def install(self):
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self)
+
+    def agreed(self) -> int | None:
+        """The signal as every process of a multi-process run sees it (the largest any
+        process has caught, one all-gather): a process that stopped alone, or a step
+        later than the others, would leave them waiting in the step's collectives."""
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+        seen = np.asarray(multihost_utils.process_allgather(np.int32(self.signum or 0)))
+        return int(seen.max()) or None
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -668,6 +700,9 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
             # The pretrained init (finetuning) has the same structure as a fresh one.
             abstract = jax.eval_shape(
                 lambda: init_state(model.init(init_key), optimizer, state_key, cfg.ema_decay > 0))
+            everywhere = NamedSharding(mesh, P())  # replicated, as replicate() places it
+            abstract = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), abstract)
             state = checkpointer.restore(abstract, data_iter, start)
             log.info("resumed from %s at step %d", checkpointer.directory, start)
         else:
@@ -737,6 +772,7 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
             )
 
     unchecked = False  # the last step's non-finite count is still to be read
+    multi_process = jax.process_count() > 1
     try:
         with jax.set_mesh(mesh):
             while step < end:
@@ -754,13 +790,18 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
                 batch = shard_batch(examples, mesh, cfg.batch_size)
                 if unchecked:
                     check_nonfinite()
+                if multi_process:
+                    # Agreed before the step, while the devices are idle (the last step
+                    # has been waited for): every process then saves this step and exits.
+                    signum = stop.agreed()
                 state, metrics = step_fn(state, batch)
                 step += 1
                 window_steps += 1
                 log_now = step % cfg.log_every == 0 or step == run.total_steps
-                # Read once: a signal arriving after this is seen at the next step, never
-                # between the save and the exit.
-                signum = stop.signum
+                if not multi_process:
+                    # Read once: a signal arriving after this is seen at the next step,
+                    # never between the save and the exit.
+                    signum = stop.signum
                 save_now = step % cfg.ckpt_every == 0 or step == end or signum is not None
                 unchecked = not (log_now or save_now)
                 if not unchecked:  # nothing is logged or saved past the limit
