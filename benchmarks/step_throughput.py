@@ -46,8 +46,9 @@ batch is that times the device count, while ``--batch_size`` gives the global ba
     1 min 34 s to 1 min 57 s (three runs) when ``--compilation_cache_dir`` holds the
     programs from an earlier run; about 6 GiB of memory, with all five states held for
     the interleaved steps.
-    64x64 keeps the paper's 256 tokens, so the recipes' token ratios (and the FLOP
-    model's predictions) are those of the paper's B/4 at 64x64. Batch 4 halves batch
+    64x64 keeps the paper's 256 tokens, so the recipes' token ratios are those of the
+    paper's B/4 at 64x64; their FLOP ratios are 0.007-0.009 lower (UMD 0.568 against
+    0.576), attention being a larger share of the work at S/4's width. Batch 4 halves batch
     8's stepping time and is where the DiT recipe runs best (its activations stay in
     the L3 cache); at batch 6 UMD's and MAE's ratios to DiT came out 0.03-0.06 lower,
     a third or more of that from DiT slowing down (benchmarks/README.md, "Suite size").
@@ -76,6 +77,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import threading
@@ -169,8 +171,8 @@ class Options:
                       ("matmul_size", 1), ("num_classes", 0), ("microbatches", 1)):
             if getattr(self, f) < lo:
                 fail(f, f"must be >= {lo}")
-        if self.peak_flops is not None and not self.peak_flops > 0:
-            fail("peak_flops", "must be > 0")
+        if self.peak_flops is not None and not (math.isfinite(self.peak_flops) and self.peak_flops > 0):
+            fail("peak_flops", f"must be a finite number > 0, got {self.peak_flops}")
         if self.si_position is not None and not any(self.arch_of(r) == "mdt" for r in self.recipes):
             fail("si_position", "only applies to recipes that train the mdt architecture "
                  "(--recipes mdt, or --arch mdt)")
@@ -566,7 +568,10 @@ def finish_recipe(low: LoweredRecipe, compiled, compile_s: float, cached: bool,
         # XLA's own count for the compiled step (dots and elementwise ops, all devices):
         # close to flops_per_step means no work the FLOP model leaves out, e.g. on
         # hidden tokens or recomputation.
-        xla_flops_per_step=_xla_flops(compiled, num_devices),
+        # None under --microbatches: cost analysis counts the accumulation loop's body
+        # once, not once per microbatch, and would read as a FLOP model M times too high.
+        xla_flops_per_step=(_xla_flops(compiled, num_devices)
+                            if low.record["microbatches"] == 1 else None),
     )
     k_init, k_state = low.keys
     params = _initial_params(low.model, k_init, init_cache)
@@ -689,7 +694,15 @@ def dit_flops(opts: Options) -> int:
     from unidiff import corruption as uc
     from unidiff import flops as uflops
 
+    from unidiff.train.step import check_model_fits_recipe
+
     _, mcfg = model_config(opts, "dit")
+    try:
+        check_model_fits_recipe(mcfg, uc.recipes.dit())
+    except ValueError:
+        # --arch cannot train DiT (mdt has no eps head): the dit recipe on its own
+        # architecture, as a --recipes=dit run without --arch measures it.
+        _, mcfg = model_config(dataclasses.replace(opts, arch="auto"), "dit")
     return uflops.train_step_flops(mcfg, uc.recipes.dit(), opts.batch_size)["total"]
 
 

@@ -169,7 +169,7 @@ def train_step_flops(
     ``branches``: {name: {rows, visible_tokens, encoder_tokens, decoder_tokens,
     forward_per_example, forward, total}}.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     if not isinstance(config, ModelConfig):  # before config.num_tokens below
         raise ValueError(f"config: expected a ModelConfig, got {type(config).__name__}")

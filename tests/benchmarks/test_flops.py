@@ -249,6 +249,9 @@ def test_bad_inputs_name_the_field():
         flops.forward_flops("B/4", None)
     with pytest.raises(ValueError, match="batch_size"):
         flops.train_step_flops(cfg, recipes.umd(), 0)
+    # A numpy integer is an integer (forward_flops and split_batch took it already).
+    assert flops.train_step_flops(cfg, recipes.umd(), np.int64(4)) == flops.train_step_flops(
+        cfg, recipes.umd(), 4)
     with pytest.raises(ValueError, match="recipe"):
         flops.train_step_flops(cfg, "umd", 4)
     # Caught before use: a str has no num_tokens, and int() would truncate 2.9 to 2.

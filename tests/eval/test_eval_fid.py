@@ -164,3 +164,7 @@ def test_load_stats_rejects_malformed_files(tmp_path):
     np.save(bare, np.zeros(3))
     with pytest.raises(ValueError, match="bare.npy"):
         load_stats(bare)
+    lopsided = tmp_path / "lopsided.npz"  # was symmetrised without a word
+    np.savez(lopsided, mu=np.zeros(3), sigma=np.triu(np.ones((3, 3))))
+    with pytest.raises(ValueError, match="lopsided.npz.*not symmetric"):
+        load_stats(lopsided)

@@ -182,4 +182,9 @@ def load_stats(path: str | os.PathLike) -> tuple[Float[np.ndarray, "d"], Float[n
     _check_stats(mu, sigma, f"statistics file {source!r}")
     if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
         raise ValueError(f"statistics file {source!r} contains non-finite values")
+    # A covariance is symmetric: anything else (a transposed or mixed-up array) would be
+    # quietly symmetrised by the distance.
+    scale = max(float(np.max(np.abs(sigma), initial=0.0)), np.finfo(np.float64).tiny)
+    if np.max(np.abs(sigma - sigma.T), initial=0.0) > 1e-6 * scale:
+        raise ValueError(f"statistics file {source!r}: 'sigma' is not symmetric, so not a covariance")
     return mu, sigma
