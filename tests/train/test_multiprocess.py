@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.e2e_helpers import ROOT, child_env, losses_by_step, run_binary
+from tests.e2e_helpers import ROOT, child_env, losses_by_step, read_metrics, run_binary
 
 
 def _free_port() -> int:
@@ -160,3 +160,85 @@ def test_num_devices_below_all_devices_of_a_multi_process_run_is_refused(tmp_pat
         assert p.returncode == 2, out[-3000:]
         assert len(errors) == 1 and "--num_devices 2: a run of 2 processes uses all 4" in errors[0], out[-3000:]
     assert not workdir.exists()
+
+
+# Runs pretrain.py with one process failing alone: process 1's loader at its third batch
+# ("data"), as a folder whose images all became unreadable would; or process 0's metrics
+# line of step 2 ("metrics"), as on a full disk.
+_FAILING = """
+import runpy, sys
+import jax
+from unidiff import data as ud
+make_loader = ud.make_loader
+
+class Failing:
+    def __init__(self, it):
+        self.it, self.calls = it, 0
+    def __getattr__(self, name):
+        return getattr(self.it, name)
+    def __next__(self):
+        self.calls += 1
+        if self.calls == 3:
+            raise ud.DataError("every example of an epoch in a row was unreadable")
+        return next(self.it)
+
+def failing_on_process_1(*args, **kwargs):
+    it = make_loader(*args, **kwargs)
+    return Failing(it) if jax.process_index() == 1 else it
+
+if sys.argv[1] == "data":
+    ud.make_loader = failing_on_process_1
+else:  # "metrics": process 0's metrics line of step 2 meets a full disk
+    import json
+    from unidiff.train import loop
+
+    class FullDisk:
+        def __getattr__(self, name):
+            return getattr(json, name)
+        def dumps(self, obj, **kwargs):
+            if jax.process_index() == 0 and isinstance(obj, dict) and obj.get("step") == 2:
+                raise OSError(28, "No space left on device")
+            return json.dumps(obj, **kwargs)
+
+    loop.json = FullDisk()
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("what", ["data", "metrics"])
+def test_a_failure_on_one_process_stops_all_of_them(tmp_path, tiny_args, what):
+    """A process that could not read its data, or process 0 failing to write a metrics
+    line, raised alone; the others waited in the next step's collectives until JAX's
+    timeouts ended them minutes later."""
+    port = _free_port()
+    env = child_env()
+    env["XLA_FLAGS"] = " ".join([f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FAILING, what, str(ROOT / "experiments" / "pretrain.py"),
+             *tiny_args, "--batch_size=8", "--train_steps=6", f"--workdir={tmp_path / 'w'}",
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=200)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        outs.append(out)
+    errors = [[line for line in out.splitlines() if line.startswith("pretrain.py: error")]
+              for out in outs]
+    assert [p.returncode for p in procs] == [1, 1], [out[-2000:] for out in outs]
+    failed, other = (1, 0) if what == "data" else (0, 1)
+    assert len(errors[failed]) == 1, outs[failed][-2000:]
+    assert ("at step 3: every example of an epoch" if what == "data" else
+            "writing the run failed (No space left on device)") in errors[failed][0], errors
+    assert len(errors[other]) == 1, outs[other][-2000:]
+    assert f"stopping before step 3: process {failed} of 2 failed" in errors[other][0], errors
+    # Step 2's line is the one that met the full disk.
+    assert [m["step"] for m in read_metrics(tmp_path / "w")] == ([1, 2] if what == "data" else [1])

@@ -61,12 +61,18 @@ def _item_handlers() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _reader(workdir: str) -> Iterator[tuple[str, ocp.CheckpointManager]]:
-    """(directory, manager) for reading a workdir's checkpoints; closed on exit, errors included."""
+def _reader(workdir: str, this_process_only: bool = False) -> Iterator[tuple[str, ocp.CheckpointManager]]:
+    """(directory, manager) for reading a workdir's checkpoints; closed on exit, errors
+    included. A manager syncs all processes of a multi-process run when it is made:
+    ``this_process_only`` makes one that does not, for a process on its own."""
     directory = checkpoint_dir(workdir)
-    # create=False: reading a mistyped workdir must not make it (and its checkpoints/).
-    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                                 item_handlers=_item_handlers())
+    options = ocp.CheckpointManagerOptions(create=False)  # reading must not make the workdir
+    if this_process_only:
+        me = jax.process_index()
+        options = ocp.CheckpointManagerOptions(
+            create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}))
+    mngr = ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
     try:
         yield directory, mngr
     finally:
@@ -125,11 +131,12 @@ class Checkpointer:
         self.manager.close()
 
 
-def latest_step(workdir: str) -> int | None:
-    """The newest complete checkpoint step under ``workdir/checkpoints``, or None."""
+def latest_step(workdir: str, this_process_only: bool = False) -> int | None:
+    """The newest complete checkpoint step under ``workdir/checkpoints``, or None.
+    Called by every process of a multi-process run, unless ``this_process_only``."""
     if not os.path.isdir(checkpoint_dir(workdir)):
         return None
-    with _reader(workdir) as (_, mngr):
+    with _reader(workdir, this_process_only) as (_, mngr):
         return mngr.latest_step()
 
 

@@ -531,14 +531,16 @@ class _Stop:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self)
 
-    def agreed(self) -> int | None:
-        """The signal as every process of a multi-process run sees it (the largest any
-        process has caught, one all-gather): a process that stopped alone, or a step
-        later than the others, would leave them waiting in the step's collectives."""
+    def agreed(self, failed: bool = False) -> tuple[int | None, list[int]]:
+        """What every process of a multi-process run agrees on before a step, in one
+        all-gather: the signal (the largest any process has caught), and which processes
+        ``failed`` (e.g. could not read their data). A process that stopped alone, or a
+        step later than the others, would leave them waiting in the step's collectives."""
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-        seen = np.asarray(multihost_utils.process_allgather(np.int32(self.signum or 0)))
-        return int(seen.max()) or None
+        seen = np.asarray(multihost_utils.process_allgather(
+            np.asarray([self.signum or 0, int(failed)], np.int32))).reshape(-1, 2)
+        return int(seen[:, 0].max()) or None, [int(i) for i in np.flatnonzero(seen[:, 1])]
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -644,7 +646,8 @@ def _write_failure(workdir: str, e: BaseException) -> str:
         step = re.search(r"checkpoints/(\d+)\.orbax-checkpoint-tmp", text)
         what = reason + (f", saving checkpoint step {step.group(1)}" if step else "")
     try:
-        good = ckpt_lib.latest_step(workdir)
+        # On this process alone: in a multi-process run the others may not be here.
+        good = ckpt_lib.latest_step(workdir, this_process_only=True)
     except Exception:  # pylint: disable=broad-except  # the directory itself may be unreadable
         good = None
     where = (f"the last complete checkpoint is step {good}; fix the storage and rerun the same "
@@ -773,27 +776,40 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
 
     unchecked = False  # the last step's non-finite count is still to be read
     multi_process = jax.process_count() > 1
+    pending_failure: BaseException | None = None  # multi-process: raised at the next agreement
     try:
         with jax.set_mesh(mesh):
             while step < end:
                 # The next batch is read and sent to the devices while the last step still
                 # runs; only then is its non-finite count read (which waits for it), before
                 # the next step is dispatched and donates that state.
+                failure = pending_failure
                 try:
                     examples = next(data_iter)
                 except ud.DataError as e:
                     good = checkpointer.latest_step()
-                    raise TrainingError(
+                    failure = TrainingError(
                         f"--data_dir {cfg.data_dir}: at step {step + 1}: {e}; "
                         + (f"the last checkpoint is step {good}" if good is not None
-                           else "no checkpoint was saved")) from None
-                batch = shard_batch(examples, mesh, cfg.batch_size)
+                           else "no checkpoint was saved"))
+                    if not multi_process:
+                        raise failure from None
+                if failure is None:
+                    batch = shard_batch(examples, mesh, cfg.batch_size)
                 if unchecked:
                     check_nonfinite()
                 if multi_process:
                     # Agreed before the step, while the devices are idle (the last step
-                    # has been waited for): every process then saves this step and exits.
-                    signum = stop.agreed()
+                    # has been waited for): every process then saves this step and
+                    # exits, or every process stops for one that failed.
+                    signum, failed = stop.agreed(failure is not None)
+                    if failed:
+                        if failure is not None:
+                            raise failure from None
+                        raise TrainingError(
+                            f"stopping before step {step + 1}: process{'es' if len(failed) > 1 else ''} "
+                            f"{', '.join(map(str, failed))} of {jax.process_count()} failed (see "
+                            "its log)")
                 state, metrics = step_fn(state, batch)
                 step += 1
                 window_steps += 1
@@ -830,8 +846,14 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
                                     "for their paths)", last["skipped_images"])
                         skipped_logged = last["skipped_images"]
                     if metrics_file is not None:
-                        metrics_file.write(json.dumps(last, sort_keys=True) + "\n")
-                        metrics_file.flush()
+                        try:
+                            metrics_file.write(json.dumps(last, sort_keys=True) + "\n")
+                            metrics_file.flush()
+                        except OSError as e:  # e.g. a full disk, on process 0 alone
+                            if not multi_process:
+                                raise
+                            # Raised where all processes agree, so none is left waiting.
+                            pending_failure = e
                     window_start, window_steps = time.perf_counter(), 0
                 if save_now:
                     if checkpointer.latest_step() != step:
@@ -840,6 +862,8 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
                     log.info("signal %d: saved step %d, exiting", signum, step)
                     break
         checkpointer.wait()
+        if pending_failure is not None:  # the last step's: no agreement came after it
+            raise pending_failure
     finally:
         if metrics_file is not None:
             metrics_file.close()
