@@ -17,9 +17,10 @@ HELP = {
     "workdir": "Directory for checkpoints, config.json and metrics.jsonl; resumes if it has a checkpoint.",
     "recipe": "Corruption recipe: umd, umd_finetune, mae, dit, maskdit, mdt, usp.",
     "arch": "Architecture: auto (by recipe: mae -> umd_no_adaln as in the UMD paper, usp -> mae, "
-            "mdt -> mdt, else umd), umd, umd_no_adaln, mae (original MAE, 512x8 decoder), mdt, "
-            "maskdit (original MaskDiT), dit (exact DiT), dit_affine (DiT with affine LayerNorms, "
-            "USP's transfer target).",
+            "mdt -> mdt, else umd), umd, umd_no_adaln, mae (MAE's ViT and 512x8 decoder; the t = 0 "
+            "conditioning rides along as one extra token, which MAE has not), mdt, maskdit "
+            "(MaskDiT's), dit (DiT's blocks and embeddings, with UMD's x0 + eps output head), "
+            "dit_affine (the same with affine LayerNorms, USP's transfer target).",
     "model": "Model variant size/patch, e.g. N/2, Ti/4, S/4, B/4, L/2, XL/2.",
     "dataset": "digits (embedded, no download), imagenet64, imagenet32, cifar10, folder, latents, synthetic.",
     "data_dir": "Directory with the dataset files (not needed for digits / synthetic).",
