@@ -128,7 +128,15 @@ def test_flip_toggle():
     with_flip = [T.train_image(img, np.random.default_rng(s), 8, (1.0, 1.0), flip=True) for s in range(16)]
     flipped = [np.array_equal(o, base[:, ::-1]) for o in with_flip]
     assert all(f or np.array_equal(o, base) for f, o in zip(flipped, with_flip))
-    assert 0 < sum(flipped) < 16
+    # Half of the images are mirrored: 2,000 seeded draws give 1,000 +- 22 (binomial
+    # std), so [880, 1120] holds at 5.4 std, and a rate of 0.45 or 0.25 falls outside.
+    draws = sum(np.array_equal(T.train_image(img, np.random.default_rng(s), 8, (1.0, 1.0),
+                                             flip=True), base[:, ::-1]) for s in range(2000))
+    assert 880 <= draws <= 1120, draws
+    latent = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+    draws = sum(np.array_equal(T.train_latent(latent, np.random.default_rng(s), flip=True),
+                               latent[:, ::-1]) for s in range(2000))
+    assert 880 <= draws <= 1120, draws
 
 
 @pytest.mark.parametrize("bad", [(0.0, 1.0), (0.9, 0.8), (0.5, 1.2), ("a",)])

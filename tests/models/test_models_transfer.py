@@ -134,3 +134,23 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_parameter():
     pretrained["encoder"]["patch_embed"]["w"] = np.zeros((3, 32), np.float32)
     with pytest.raises(ValueError, match=r"patch_embed/w has shape \(3, 32\)"):
         um.encoder_into_dit(pretrained, SOURCE, TARGET, random_params(um.Model(TARGET)))
+
+
+@pytest.mark.parametrize("g,grid", [(8, 12), (6, 16), (5, 9)])
+def test_pos_embed_upsampling_is_bicubic_on_the_row_major_grid(g, grid):
+    """Keys' bicubic kernel (a = -0.5) reproduces a quadratic exactly wherever its four
+    taps lie inside the grid; a new position (r, c) sits at (r + 0.5) g / grid - 0.5 of
+    the old grid (pixel centres aligned). Nearest-neighbour or bilinear resizing, a
+    mirrored grid, or rows and columns swapped all miss the closed form."""
+    def f(y, x):  # different in rows and columns, curved in both
+        return np.stack([1.0 + 0.5 * y + 0.3 * y * y - 0.2 * x + 0.1 * x * x,
+                         2.0 * x - y + 0.25 * x * y], axis=-1)
+
+    i, j = np.meshgrid(np.arange(g, dtype=np.float64), np.arange(g, dtype=np.float64), indexing="ij")
+    table = f(i, j).reshape(g * g, 2).astype(np.float32)
+    out = np.asarray(um.interpolate_pos_embed(table, grid)).reshape(grid, grid, 2)
+    pos = (np.arange(grid) + 0.5) * g / grid - 0.5
+    inside = (pos >= 1) & (pos <= g - 2)
+    assert inside.sum() >= 2
+    y, x = np.meshgrid(pos[inside], pos[inside], indexing="ij")
+    np.testing.assert_allclose(out[np.ix_(inside, inside)], f(y, x), rtol=1e-4, atol=1e-4)

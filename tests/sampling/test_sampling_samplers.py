@@ -197,6 +197,35 @@ def test_ddim_eta1_full_steps_equals_ddpm_and_heads_agree():
         np.testing.assert_allclose(np.asarray(value), ref, atol=2e-4, err_msg=str(key))
 
 
+@pytest.mark.parametrize("eta", [0.3, 0.5])
+def test_ddim_between_deterministic_and_ancestral_follows_its_formula(eta):
+    """DDIM (Song et al. eq. 12 and 16) at 0 < eta < 1, where eta^2 and eta differ:
+    x_s = sqrt(a_s) x0 + sqrt(1 - a_s - sigma^2) eps + sigma z with
+    sigma^2 = eta^2 (1 - a_s) / (1 - a_t) (1 - a_t / a_s), run here in float64 numpy on
+    the sampler's own noise draws (its keys: x_T from the first half of the key, one key
+    per update from the second)."""
+    s = make_schedule("cosine", 30)
+    den = _gaussian_denoiser(s)
+    key = jax.random.PRNGKey(4)
+    got = np.asarray(jax.jit(lambda k: ddim_sample(den, s, k, SHAPE, steps=10, eta=eta,
+                                                   clip_x0=False))(key), np.float64)
+
+    calls = ddim_timesteps(30, 10)
+    key_init, key_steps = jax.random.split(key)
+    step_keys = jax.random.split(key_steps, len(calls))
+    abar = np.asarray(s.alphas_cumprod, np.float64)
+    x = np.asarray(jax.random.normal(key_init, SHAPE, jnp.float32), np.float64)
+    for tc, tn, k in zip(calls, [*calls[1:], 0], step_keys):
+        a_t, a_s = abar[tc], abar[tn]
+        gain = np.sqrt(a_t) * STD**2 / (a_t * STD**2 + 1.0 - a_t)  # exact E[x0 | x_t]
+        x0 = MU + gain * (x - np.sqrt(a_t) * MU)
+        eps = (x - np.sqrt(a_t) * x0) / np.sqrt(1.0 - a_t)
+        var = eta**2 * (1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)
+        z = np.asarray(jax.random.normal(k, SHAPE, jnp.float32), np.float64)
+        x = np.sqrt(a_s) * x0 + np.sqrt(1.0 - a_s - var) * eps + np.sqrt(var) * z
+    np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- compile once, determinism
 def test_sampler_traces_denoiser_once_and_is_deterministic_given_key():
     s = make_schedule("cosine", 1000)

@@ -330,3 +330,32 @@ def test_microbatches_must_split_the_batch_evenly(microbatches, match):
     with pytest.raises(ValueError, match=match):
         make_train_step(model, uc.recipes.umd(), optimizer, make_mesh(1), 4,
                         StepConfig(patch_size=2, num_classes=0, microbatches=microbatches))
+
+
+def test_each_step_draws_its_own_randomness():
+    """The step's t, noise, masks and label dropout come from the state's key folded with
+    the step number: on the same parameters and batch, another step number gives another
+    loss, the same step number the same loss. A key that ignored the step would draw the
+    same corruption at every step, and no comparison of two runs with one seed (devices,
+    resume, processes) could see it."""
+    cfg = um.umd_config("P/2", image_size=8, in_channels=3)
+    model, batch_size = um.Model(cfg), 8
+    optimizer = make_optimizer(OptimConfig(base_lr=1e-2, batch_size=batch_size, total_steps=10,
+                                           warmup_steps=0))
+    mesh = make_mesh(1)
+    step = make_train_step(model, uc.recipes.umd(), optimizer, mesh, batch_size,
+                           StepConfig(patch_size=2, num_classes=0))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32),
+             "label": np.zeros(batch_size, np.int32)}
+    start = jax.device_get(init_state(model.init(jax.random.key(0)), optimizer, jax.random.key(1),
+                                      use_ema=False))
+
+    def losses_at(step_number):
+        state = replicate(start._replace(step=np.asarray(step_number, start.step.dtype)), mesh)
+        _, metrics = step(state, shard_batch(batch, mesh, batch_size))
+        return float(metrics["loss_clean"]), float(metrics["loss_noisy"])
+
+    first, again, later = losses_at(0), losses_at(0), losses_at(1)
+    assert first == again
+    assert first[0] != later[0] and first[1] != later[1]  # other masks; other t, noise, masks
