@@ -87,15 +87,11 @@ def _check_stats(mu: np.ndarray, sigma: np.ndarray, which: str) -> None:
         raise ValueError(f"{which}: sigma must be (D, D) = {(mu.shape[0],) * 2}, got {sigma.shape}")
 
 
-def _clean_eigvals(w: np.ndarray) -> np.ndarray:
-    """Zero eigenvalues at round-off level (sqrt would amplify 1e-16 noise to 1e-8)."""
-    tol = np.max(np.abs(w), initial=0.0) * w.shape[0] * np.finfo(np.float64).eps
-    return np.where(w > tol, w, 0.0)
-
-
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
     w, v = np.linalg.eigh((sigma + sigma.T) / 2)
-    return (v * np.sqrt(_clean_eigvals(w))) @ v.T
+    # A singular covariance (fewer samples than dimensions) has eigenvalues of either
+    # sign at round-off level: negative ones are 0.
+    return (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
 
 
 def frechet_distance(
@@ -103,9 +99,8 @@ def frechet_distance(
 ) -> float:
     """||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)), in float64.
 
-    Eigenvalues at round-off level, including tiny negative ones (covariances of fewer
-    samples than dimensions are singular), are set to 0 rather than producing NaN,
-    complex parts, or amplified sqrt(1e-16) noise.
+    Negative eigenvalues at round-off level (covariances of fewer samples than
+    dimensions are singular) are set to 0 rather than producing NaN or complex parts.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
