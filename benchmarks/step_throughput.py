@@ -87,10 +87,13 @@ from typing import Any
 from absl import app, flags
 
 from unidiff.outputs import atomic_write, check_output_file
-from unidiff.runtime import define_compilation_cache_flag, tune_host_allocator, use_compilation_cache
+from unidiff.runtime import (
+    define_compilation_cache_flag, quiet_backend_probe, tune_host_allocator, use_compilation_cache,
+)
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
 tune_host_allocator()
+quiet_backend_probe()
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(recipes="dit,maskdit,mae,umd,mdt", model="S/4", image_size=64, batch_per_device=4,

@@ -35,10 +35,13 @@ import zipfile
 from absl import app, flags
 
 from unidiff.outputs import check_output_file
-from unidiff.runtime import define_compilation_cache_flag, tune_host_allocator, use_compilation_cache
+from unidiff.runtime import (
+    define_compilation_cache_flag, quiet_backend_probe, tune_host_allocator, use_compilation_cache,
+)
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
 tune_host_allocator()
+quiet_backend_probe()
 
 flags.DEFINE_string("samples", None, "Samples .npz with 'images' uint8 (N, H, W, C) (sample.py).")
 flags.DEFINE_string("ref_stats", None, "Reference statistics .npz with 'mu' (D,) and 'sigma' (D, D).")

@@ -1,4 +1,4 @@
-"""Finetune a pretrained model for class-conditional generation (UMD §4, REFERENCE §6).
+"""Finetune a pretrained model for class-conditional generation (UMD §5.2, Table 5).
 
     python experiments/finetune.py --flagfile=experiments/configs/quickstart_finetune.flags
 
@@ -11,7 +11,7 @@ read from the pretraining workdir's config.json, with ``auto`` and ``0`` pinned 
 the pretraining resolved them to. Logging, checkpointing and resume are those of pretrain.py.
 
 ``--transfer_to_dit`` instead trains a DiT initialised from the pretraining's encoder as
-USP does (REFERENCE §4, ``unidiff.models.encoder_into_dit``): ``--recipe=dit`` on the
+USP does (USP paper §3-4, ``unidiff.models.encoder_into_dit``): ``--recipe=dit`` on the
 ``dit_affine`` architecture (DiT with affine LayerNorms, to take the pretrained ones), the
 patch embedding and every block copied, the decoder, mask token and CLS tokens dropped,
 DiT's AdaLN modulation, embeddings and final layer fresh (gates at zero). The pretraining
@@ -30,10 +30,13 @@ import sys
 
 from absl import app, flags
 
-from unidiff.runtime import define_compilation_cache_flag, tune_host_allocator, use_compilation_cache
+from unidiff.runtime import (
+    define_compilation_cache_flag, quiet_backend_probe, tune_host_allocator, use_compilation_cache,
+)
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
 tune_host_allocator()
+quiet_backend_probe()
 
 from unidiff.train import cli
 from unidiff.train.config import INHERITED

@@ -14,10 +14,13 @@ import sys
 
 from absl import app, flags
 
-from unidiff.runtime import define_compilation_cache_flag, tune_host_allocator, use_compilation_cache
+from unidiff.runtime import (
+    define_compilation_cache_flag, quiet_backend_probe, tune_host_allocator, use_compilation_cache,
+)
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
 tune_host_allocator()
+quiet_backend_probe()
 
 from unidiff.train import cli
 

@@ -1,4 +1,4 @@
-"""Few-shot linear probe of a workdir's encoder (REFERENCE §7).
+"""Few-shot linear probe of a workdir's encoder (the UMD paper's big_vision probe).
 
     python experiments/probe.py --workdir=workdirs/quickstart              # trained encoder
     python experiments/probe.py --workdir=workdirs/quickstart --random_init  # baseline
@@ -29,10 +29,13 @@ import time
 
 from absl import app, flags
 
-from unidiff.runtime import define_compilation_cache_flag, tune_host_allocator, use_compilation_cache
+from unidiff.runtime import (
+    define_compilation_cache_flag, quiet_backend_probe, tune_host_allocator, use_compilation_cache,
+)
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
 tune_host_allocator()
+quiet_backend_probe()
 
 flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 flags.DEFINE_integer("shots", 10, "Train examples per class for the probe (0 = all).")

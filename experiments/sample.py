@@ -5,7 +5,7 @@
         --out=workdirs/quickstart_finetune/samples.png
 
 Rebuilds the model from the workdir's config.json, loads the latest checkpoint (EMA
-parameters by default) and runs ``unidiff.sampling.ddim_sample`` (REFERENCE §5: stride
+parameters by default) and runs ``unidiff.sampling.ddim_sample`` (as the UMD code samples: stride
 T // steps, then a final x0 step; eta 1 as in UMD finetuning) in batches of
 ``--batch_size``, one compiled program for all batches. Sample i gets label
 ``labels[i % len(labels)]``, so in the grid (one column per listed label) every column
@@ -27,10 +27,13 @@ import time
 from absl import app, flags
 
 from unidiff.outputs import atomic_write, check_output_file
-from unidiff.runtime import define_compilation_cache_flag, tune_host_allocator, use_compilation_cache
+from unidiff.runtime import (
+    define_compilation_cache_flag, quiet_backend_probe, tune_host_allocator, use_compilation_cache,
+)
 
 # Before jax starts its thread pools (unidiff/runtime.py says why).
 tune_host_allocator()
+quiet_backend_probe()
 
 flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 flags.DEFINE_integer("num_samples", 100, "Number of samples.")
@@ -39,7 +42,7 @@ flags.DEFINE_string("labels", "", "Comma-separated class ids, assigned in turn; 
 flags.DEFINE_integer("steps", 125, "DDIM steps (stride T // steps, plus the final x0 step).")
 flags.DEFINE_float("eta", 1.0, "DDIM eta: 0 deterministic, 1 as in UMD finetuning.")
 flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale w >= 0 (1 = none; "
-                   "REFERENCE: 1.5 for FID, 4 for pictures). Needs a class-conditional model "
+                   "the UMD paper's FIDs use 1.5; pictures often 4). Needs a class-conditional model "
                    "unless 1.")
 flags.DEFINE_enum("guidance_schedule", "constant", ["constant", "power_cosine"],
                   "constant w, or MDT's power-cosine ramp from 1 at t = T to w at the last step "

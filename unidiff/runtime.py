@@ -63,6 +63,16 @@ COMPILATION_CACHE_HELP = (
     "is run as it is.")
 
 
+def quiet_backend_probe() -> None:
+    """Keep JAX's backend probe out of the binaries' logs. On a machine without a TPU,
+    JAX logs "Unable to initialize backend 'tpu': ... libtpu.so" at INFO while it looks
+    for one, which absl's handler shows as the first line of every run, reading like a
+    failure. A backend that was asked for and fails still raises."""
+    import logging
+
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
 def define_compilation_cache_flag():
     """Define ``--compilation_cache_dir`` on absl's global flags; returns its holder."""
     from absl import flags

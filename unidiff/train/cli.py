@@ -49,7 +49,7 @@ HELP = {
     "m_t0": "Override the recipe's mask ratio on the clean branch.",
     "m_t": "Override the recipe's mask ratio on the noisy branch.",
     "label_dropout": "Override the recipe's label-dropout probability.",
-    "schedule": "Noise schedule: auto (linear for --dataset=latents, REFERENCE §1 / UMD Table 4; "
+    "schedule": "Noise schedule: auto (linear for --dataset=latents as in UMD Table 4; "
                 "else the recipe's own: cosine, linear for mdt and usp), cosine, linear.",
     "class_conditional": "Condition the model on labels (finetuning).",
     "num_cls_tokens": "CLS tokens in the encoder; -1 = architecture default.",
