@@ -154,3 +154,22 @@ def test_pos_embed_upsampling_is_bicubic_on_the_row_major_grid(g, grid):
     assert inside.sum() >= 2
     y, x = np.meshgrid(pos[inside], pos[inside], indexing="ij")
     np.testing.assert_allclose(out[np.ix_(inside, inside)], f(y, x), rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_split_between_encoder_and_decoder_keep_their_order():
+    """Block i of the pretrained encoder goes to the DiT's i-th block, counting on into
+    its decoder: with two decoder blocks a reversed or shifted decoder mapping shows (the
+    other tests' targets have at most one)."""
+    source = um.mae_config("S/2", IMAGE, 4, decoder_width=16, decoder_heads=2, decoder_depth=1,
+                           width=32, num_heads=2, depth=5)
+    target = um.dit_config("S/2", IMAGE, 4, num_classes=5, norm_affine=True, width=32, num_heads=2,
+                           depth=2, decoder_depth=3, decoder_width=32, decoder_heads=2)
+    pretrained, _, params, copied = _transfer(source, target, seed=7)
+    for i in range(5):
+        where, j = ("encoder", i) if i < 2 else ("decoder", i - 2)
+        for module in um.transfer.BLOCK_MODULES:
+            for leaf in ("w", "b"):
+                np.testing.assert_array_equal(
+                    params[where][f"block_{j}/{module}"][leaf],
+                    pretrained["encoder"][f"block_{i}/{module}"][leaf], err_msg=f"{where} {j} {module}")
+                assert f"['{where}']['block_{j}/{module}']['{leaf}']" in copied

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from fractions import Fraction
 
@@ -610,3 +611,18 @@ def ud_orders():
     from unidiff import data as ud
 
     return ud.DATA_ORDERS
+
+
+def test_keep_checkpoints_and_stop_after_on_a_resume(tmp_path):
+    """--keep_checkpoints N keeps the newest N steps; --stop_after S on a resume runs S
+    more steps from the checkpoint (not up to step S)."""
+    workdir = tmp_path / "w"
+    common = {**BASE, "model": "P/2", "log_every": 1, "ckpt_every": 1, "keep_checkpoints": 2}
+    loop.train(loop.prepare(TrainConfig(workdir=str(workdir), **{**common, "train_steps": 5})))
+    steps = lambda: sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())  # noqa: E731
+    assert steps() == [4, 5]
+    loop.train(loop.prepare(TrainConfig(workdir=str(workdir),
+                                        **{**common, "train_steps": 12, "stop_after": 3})))
+    assert steps() == [7, 8]
+    logged = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 9))

@@ -12,14 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from unidiff import corruption as uc
 from unidiff import models as um
 from unidiff.train.optim import OptimConfig, make_optimizer
 from unidiff.train.state import init_state
 from unidiff.train.step import (
-    StepConfig, check_model_fits_recipe, drop_labels, make_mesh, make_train_step, replicate,
-    shard_batch,
+    StepConfig, check_model_fits_recipe, device_layout, drop_labels, make_mesh, make_train_step,
+    replicate, shard_batch,
 )
 
 
@@ -359,3 +361,62 @@ def test_each_step_draws_its_own_randomness():
     first, again, later = losses_at(0), losses_at(0), losses_at(1)
     assert first == again
     assert first[0] != later[0] and first[1] != later[1]  # other masks; other t, noise, masks
+
+
+@jax.custom_vjp
+def _poison_gradient(x):
+    return x
+
+
+_poison_gradient.defvjp(lambda x: (x, None), lambda _, g: (jnp.full_like(g, jnp.inf),))
+
+
+class _InfGradientModel(um.Model):
+    """The real model, whose outputs pass an infinite cotangent back: a finite loss with
+    a non-finite gradient."""
+
+    def apply(self, *args, **kwargs):
+        return jax.tree.map(_poison_gradient, super().apply(*args, **kwargs))
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_is_skipped():
+    """The guard must look at the gradient norm as well as the loss: a finite loss
+    (every case above has a NaN one) with an infinite gradient would otherwise update
+    the parameters to inf."""
+    cfg = um.umd_config("P/2", image_size=8, in_channels=3)
+    model, batch_size = _InfGradientModel(cfg), 4
+    optimizer = make_optimizer(OptimConfig(base_lr=1e-2, batch_size=batch_size, total_steps=10,
+                                           warmup_steps=0))
+    mesh = make_mesh(1)
+    state = replicate(init_state(model.init(jax.random.key(0)), optimizer, jax.random.key(1),
+                                 use_ema=False), mesh)
+    step = make_train_step(model, uc.recipes.umd(), optimizer, mesh, batch_size,
+                           StepConfig(patch_size=2, num_classes=0))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32),
+             "label": np.zeros(batch_size, np.int32)}
+    before = jax.device_get(state)
+    state, metrics = step(state, shard_batch(batch, mesh, batch_size))
+    after = jax.device_get(state)
+    assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+    assert not bool(metrics["finite"])
+    assert int(after.nonfinite_total) == 1 == int(after.nonfinite_run)
+    for field in ("params", "opt_state"):
+        assert _tree_equal(getattr(after, field), getattr(before, field)), field
+
+
+@settings(max_examples=60, deadline=None)
+@given(devices=st.sampled_from([1, 2, 4, 8]), per_device=st.integers(1, 12), data=st.data())
+def test_device_layout_gives_every_device_its_share_of_both_branches(devices, per_device, data):
+    """The batch arrives with its clean rows first; device d must get the d-th run of
+    n_clean / D clean rows, then the d-th run of the noisy rows, every row exactly once
+    (a wrong offset repeated some rows and dropped others, seen only by the slow
+    multi-device test)."""
+    b = devices * per_device
+    c = data.draw(st.integers(0, per_device)) * devices  # a clean count the devices divide
+    perm = device_layout(b, c, devices)
+    assert sorted(perm.tolist()) == list(range(b))
+    blocks = perm.reshape(devices, per_device)
+    clean, noisy = blocks[:, : c // devices], blocks[:, c // devices:]
+    assert clean.ravel().tolist() == list(range(c))
+    assert noisy.ravel().tolist() == list(range(c, b))
