@@ -8,6 +8,8 @@ updates as usual and resets the consecutive count.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,19 +31,32 @@ def _tree_equal(a, b) -> bool:
     return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
 
 
-def test_nonfinite_step_is_skipped_and_counted():
-    cfg = um.umd_config("P/2", image_size=8, in_channels=3)
-    model, batch_size = um.Model(cfg), 4
+class _Tiny(NamedTuple):
+    mesh: Any
+    state: Any  # replicated TrainState
+    step: Any  # the jitted train step
+    batch: dict  # one host batch of uniform images
+
+
+def _tiny_umd(model: um.Model, batch_size: int, ema_decay: float = 0.0) -> _Tiny:
+    """A P/2 UMD train step on 8x8 RGB images, its initial state and one batch."""
     optimizer = make_optimizer(OptimConfig(base_lr=1e-2, batch_size=batch_size, total_steps=10,
                                            warmup_steps=0))
     mesh = make_mesh(1)
     state = replicate(init_state(model.init(jax.random.key(0)), optimizer, jax.random.key(1),
-                                 use_ema=True), mesh)
+                                 use_ema=ema_decay > 0), mesh)
     step = make_train_step(model, uc.recipes.umd(), optimizer, mesh, batch_size,
-                           StepConfig(patch_size=2, num_classes=0, ema_decay=0.9))
+                           StepConfig(patch_size=2, num_classes=0, ema_decay=ema_decay))
     rng = np.random.default_rng(0)
-    good = {"image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32),
-            "label": np.zeros(batch_size, np.int32)}
+    batch = {"image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32),
+             "label": np.zeros(batch_size, np.int32)}
+    return _Tiny(mesh, state, step, batch)
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    batch_size = 4
+    mesh, state, step, good = _tiny_umd(um.Model(um.umd_config("P/2", image_size=8, in_channels=3)),
+                                        batch_size, ema_decay=0.9)
     bad = dict(good, image=good["image"].copy())
     bad["image"][:, 3] = np.nan  # one NaN row of pixels in every image
     host = lambda s: jax.device_get(s)  # noqa: E731 - the step donates its input state
@@ -340,18 +355,10 @@ def test_each_step_draws_its_own_randomness():
     loss, the same step number the same loss. A key that ignored the step would draw the
     same corruption at every step, and no comparison of two runs with one seed (devices,
     resume, processes) could see it."""
-    cfg = um.umd_config("P/2", image_size=8, in_channels=3)
-    model, batch_size = um.Model(cfg), 8
-    optimizer = make_optimizer(OptimConfig(base_lr=1e-2, batch_size=batch_size, total_steps=10,
-                                           warmup_steps=0))
-    mesh = make_mesh(1)
-    step = make_train_step(model, uc.recipes.umd(), optimizer, mesh, batch_size,
-                           StepConfig(patch_size=2, num_classes=0))
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32),
-             "label": np.zeros(batch_size, np.int32)}
-    start = jax.device_get(init_state(model.init(jax.random.key(0)), optimizer, jax.random.key(1),
-                                      use_ema=False))
+    batch_size = 8
+    mesh, state, step, batch = _tiny_umd(um.Model(um.umd_config("P/2", image_size=8, in_channels=3)),
+                                         batch_size)
+    start = jax.device_get(state)
 
     def losses_at(step_number):
         state = replicate(start._replace(step=np.asarray(step_number, start.step.dtype)), mesh)
@@ -383,18 +390,9 @@ def test_a_non_finite_gradient_under_a_finite_loss_is_skipped():
     """The guard must look at the gradient norm as well as the loss: a finite loss
     (every case above has a NaN one) with an infinite gradient would otherwise update
     the parameters to inf."""
-    cfg = um.umd_config("P/2", image_size=8, in_channels=3)
-    model, batch_size = _InfGradientModel(cfg), 4
-    optimizer = make_optimizer(OptimConfig(base_lr=1e-2, batch_size=batch_size, total_steps=10,
-                                           warmup_steps=0))
-    mesh = make_mesh(1)
-    state = replicate(init_state(model.init(jax.random.key(0)), optimizer, jax.random.key(1),
-                                 use_ema=False), mesh)
-    step = make_train_step(model, uc.recipes.umd(), optimizer, mesh, batch_size,
-                           StepConfig(patch_size=2, num_classes=0))
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32),
-             "label": np.zeros(batch_size, np.int32)}
+    batch_size = 4
+    mesh, state, step, batch = _tiny_umd(
+        _InfGradientModel(um.umd_config("P/2", image_size=8, in_channels=3)), batch_size)
     before = jax.device_get(state)
     state, metrics = step(state, shard_batch(batch, mesh, batch_size))
     after = jax.device_get(state)
