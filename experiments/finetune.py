@@ -108,9 +108,9 @@ def main(argv):
         pretrained, step = ckpt_lib.restore_params(FLAGS.init_from, use_ema=True)
         if FLAGS.transfer_to_dit:
             return transfer_init(model, key, pretrained, step)
-        fresh = jax.jit(model.init)(key)
-        merged, new = ckpt_lib.merge_pretrained(fresh, pretrained)
-        dropped = ckpt_lib.unused_pretrained(fresh, pretrained)
+        initial = jax.jit(model.init)(key)
+        merged, new = ckpt_lib.merge_pretrained(initial, pretrained)
+        dropped = ckpt_lib.unused_pretrained(initial, pretrained)
         if dropped:  # e.g. the label table of a class-conditional pretraining
             log.warning("pretrained parameters the finetune's model has no place for, left "
                         "out: %s", ", ".join(dropped))

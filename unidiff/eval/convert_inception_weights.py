@@ -117,11 +117,10 @@ def convert_file(input_path: str, output_path: str) -> None:
         raise ValueError(f"--input {input_path!r} not found")
     # Before reading ~100 MB of weights: a bad --output would otherwise fail only at the end.
     check_output_file("output", output_path, {"input": input_path})
+    state_dict = _load_state_dict(input_path)  # its errors name --input already
     try:
-        flat = convert_state_dict(_load_state_dict(input_path))
+        flat = convert_state_dict(state_dict)
     except ValueError as e:
-        if str(e).startswith("--input"):
-            raise
         raise ValueError(f"--input {input_path!r}: {e}") from None
     num_classes = flat["fc/b"].shape[0] if "fc/b" in flat else inception.NUM_CLASSES
     inception.validate_flat_params(flat, input_path, num_classes)

@@ -23,8 +23,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from unidiff import corruption as uc
 from unidiff import data as ud
@@ -36,7 +34,7 @@ from unidiff.train.optim import OptimConfig, lr_schedule, make_optimizer
 from unidiff.train.state import TrainState, init_state
 from unidiff.train.step import (
     StepConfig, check_microbatches, check_model_fits_recipe, make_mesh, make_train_step, replicate,
-    shard_batch,
+    replicated, shard_batch,
 )
 
 log = logging.getLogger("unidiff")
@@ -703,7 +701,7 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
             # The pretrained init (finetuning) has the same structure as a fresh one.
             abstract = jax.eval_shape(
                 lambda: init_state(model.init(init_key), optimizer, state_key, cfg.ema_decay > 0))
-            everywhere = NamedSharding(mesh, P())  # replicated, as replicate() places it
+            everywhere = replicated(mesh)  # where replicate() puts a fresh state
             abstract = jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), abstract)
             state = checkpointer.restore(abstract, data_iter, start)

@@ -334,5 +334,10 @@ def shard_batch(batch: dict, mesh: Mesh, global_batch_size: int) -> dict:
     return out
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device of ``mesh`` holds the whole array (parameters, optimizer state)."""
+    return NamedSharding(mesh, P())
+
+
 def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    return jax.device_put(tree, replicated(mesh))

@@ -187,14 +187,15 @@ def inherited_flags(init_from: str, recipe: str, dataset: str, data_dir: str | N
     if workdir and ckpt_lib.latest_step(workdir) is not None:
         own = read_config(workdir, "workdir")
         return {k: getattr(own, k) for k in INHERITED}
-    pre = read_config(init_from, "init_from")
+    path, raw = _config_json(init_from, "init_from")
+    pre = _train_config(path, raw)
     fixed = {k: getattr(pre, k) for k in INHERITED}
     if pre.arch == "auto" and pre.resolved_arch() != resolve_arch(recipe):
         fixed["arch"] = pre.resolved_arch()
-    model = recorded_model(init_from)
-    if pre.image_size == 0 and model is not None:
+    record = recorded(raw, path) if pre.image_size == 0 else None
+    if record is not None:
         # The size the pretraining trained at, whatever its data directory holds now.
-        fixed["image_size"] = int(model["image_size"])
+        fixed["image_size"] = int(record["model"]["image_size"])
     elif pre.image_size == 0:
         try:
             info = ud.validate_data(pre.dataset, pre.data_dir, "train")
