@@ -25,7 +25,6 @@ needs as many encoder blocks as the DiT variant has blocks: a ``--recipe=usp`` (
 from __future__ import annotations
 
 import logging
-import re
 import sys
 
 from absl import app, flags
@@ -71,33 +70,34 @@ def main(argv):
     try:
         use_compilation_cache(FLAGS.compilation_cache_dir)
         cli.maybe_initialize_distributed(FLAGS)
-        if not FLAGS.init_from:
-            raise ConfigError("--init_from: required (a pretraining workdir)")
-        fixed = workdir_lib.inherited_flags(FLAGS.init_from, FLAGS.recipe, FLAGS.dataset,
-                                            FLAGS.data_dir, FLAGS.workdir)
-        if FLAGS.transfer_to_dit:
-            if FLAGS.recipe != "dit":
-                raise ConfigError(f"--transfer_to_dit: trains a DiT on the DiT objective, so "
-                                  f"--recipe must be dit (got {FLAGS.recipe})")
-            fixed.update(arch="dit_affine", num_cls_tokens=-1, si_position=None)
-        try:
-            run = loop.prepare(cli.config_from_flags(FLAGS, **fixed))
-        except ConfigError as e:
-            # This binary has no flag of that name: the value came from the pretraining.
-            named = re.match(r"--(\w+)", str(e))
-            if named and named.group(1) in INHERITED:
-                copied = ", ".join(f"{k} {v!r}" for k, v in fixed.items())
-                raise ConfigError(f"--init_from {FLAGS.init_from}: the model flags a finetune "
-                                  f"copies from its pretraining ({copied}) do not build a model "
-                                  f"here: {e}") from None
-            raise
-        # A fresh start refuses here a pretraining that cannot fill this model (another
-        # channel count, another default since), and a transfer's initialisation reuses
-        # the model built for the check (a resume needs neither).
-        fresh = ckpt_lib.latest_step(run.cfg.workdir) is None
-        source = pretraining_model(run) if FLAGS.transfer_to_dit and fresh else None
-        if fresh and not FLAGS.transfer_to_dit:
-            workdir_lib.check_finetune_fits(FLAGS.init_from, run.model_config, FLAGS.dataset)
+        with loop.agreed_preparation() as agreed:  # multi-process: all go on, or none
+            if not FLAGS.init_from:
+                raise ConfigError("--init_from: required (a pretraining workdir)")
+            fixed = workdir_lib.inherited_flags(FLAGS.init_from, FLAGS.recipe, FLAGS.dataset,
+                                                FLAGS.data_dir, FLAGS.workdir)
+            if FLAGS.transfer_to_dit:
+                if FLAGS.recipe != "dit":
+                    raise ConfigError(f"--transfer_to_dit: trains a DiT on the DiT objective, so "
+                                      f"--recipe must be dit (got {FLAGS.recipe})")
+                fixed.update(arch="dit_affine", num_cls_tokens=-1, si_position=None)
+            try:
+                run = loop.prepare(cli.config_from_flags(FLAGS, **fixed))
+            except ConfigError as e:
+                # This binary has no flag of that name: the value came from the pretraining.
+                if e.flag in INHERITED:
+                    copied = ", ".join(f"{k} {v!r}" for k, v in fixed.items())
+                    raise ConfigError(f"--init_from {FLAGS.init_from}: the model flags a finetune "
+                                      f"copies from its pretraining ({copied}) do not build a "
+                                      f"model here: {e}", flag="init_from") from None
+                raise
+            # A fresh start refuses here a pretraining that cannot fill this model (another
+            # channel count, another default since), and a transfer's initialisation reuses
+            # the model built for the check (a resume needs neither).
+            fresh = ckpt_lib.latest_step(run.cfg.workdir) is None
+            source = pretraining_model(run) if FLAGS.transfer_to_dit and fresh else None
+            if fresh and not FLAGS.transfer_to_dit:
+                workdir_lib.check_finetune_fits(FLAGS.init_from, run.model_config, FLAGS.dataset)
+            agreed.cfg = run.cfg
     except (ConfigError, ValueError) as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2

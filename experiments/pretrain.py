@@ -40,7 +40,9 @@ def main(argv):
     try:
         use_compilation_cache(FLAGS.compilation_cache_dir)
         cli.maybe_initialize_distributed(FLAGS)
-        run = loop.prepare(cli.config_from_flags(FLAGS))
+        with loop.agreed_preparation() as agreed:  # multi-process: all go on, or none
+            run = loop.prepare(cli.config_from_flags(FLAGS))
+            agreed.cfg = run.cfg
     except (ConfigError, ValueError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         return 2

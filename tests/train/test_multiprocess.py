@@ -24,16 +24,17 @@ def _free_port() -> int:
 
 
 def _start_two(args: list[str], workdir, devices_per_process: int = 1,
-               python_args: tuple[str, ...] = ()) -> list[subprocess.Popen]:
+               python_args: tuple[str, ...] = (),
+               own_args: tuple[list[str], list[str]] = ([], [])) -> list[subprocess.Popen]:
     """pretrain.py as processes 0 and 1 of a localhost run (``python_args`` go before the
-    script, e.g. ``-c`` and a harness that runs it)."""
+    script, e.g. ``-c`` and a harness that runs it; ``own_args[i]`` only to process i)."""
     port = _free_port()
     env = child_env()
     env["XLA_FLAGS"] = " ".join([f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
                                 + [f"--xla_force_host_platform_device_count={devices_per_process}"])
     return [
         subprocess.Popen(
-            [sys.executable, *python_args, str(ROOT / "experiments" / "pretrain.py"), *args,
+            [sys.executable, *python_args, str(ROOT / "experiments" / "pretrain.py"), *args, *own_args[i],
              f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
              "--num_processes=2", f"--process_id={i}"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -165,33 +166,53 @@ def test_num_devices_below_all_devices_of_a_multi_process_run_is_refused(tmp_pat
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("own,errors", [
+    # process 1 with another seed and learning rate trained on, inconsistently
+    (([], ["--seed=4", "--base_lr=2e-3"]),
+     ["--base_lr, --seed: differ between the processes of this run (process 1 against process 0; "
+      "this one has base_lr=0.001, seed=3)",
+      "--base_lr, --seed: differ between the processes of this run (process 1 against process 0; "
+      "this one has base_lr=0.002, seed=4)"]),
+    # process 1 refused its flag and exited; process 0 waited for it in the first collective
+    (([], ["--num_workers=-1"]),
+     ["process 1 of 2 refused the flags (see its log); every process stops",
+      "--num_workers: must be >= 0"]),
+], ids=["flags_differ", "one_refuses"])
+def test_processes_agree_on_their_flags_before_training(tmp_path, tiny_args, own, errors):
+    workdir = tmp_path / "w"
+    procs = _start_two(tiny_args + ["--batch_size=8", "--train_steps=2"], workdir, own_args=own)
+    for p, out, error in zip(procs, _finish(procs, check=False), errors):
+        lines = [line for line in out.splitlines() if line.startswith("pretrain.py: error")]
+        assert p.returncode == 2, out[-3000:]
+        assert len(lines) == 1 and error in lines[0], out[-3000:]
+    assert not workdir.exists()
+
+
 # Runs pretrain.py with one process failing alone: process 1's loader at its third batch
 # ("data"), as a folder whose images all became unreadable would; or process 0's metrics
-# line of step 2 ("metrics"), as on a full disk.
+# line of step 2 ("metrics"), as on a full disk. Every loader also reports (process index
+# + 1) skipped images per batch read, so the metrics' skipped_images at step s (their sum
+# over the processes) is 3 s.
 _FAILING = """
 import runpy, sys
 import jax
 from unidiff import data as ud
-make_loader = ud.make_loader
+from unidiff.data import loader
 
-class Failing:
-    def __init__(self, it):
-        self.it, self.calls = it, 0
-    def __getattr__(self, name):
-        return getattr(self.it, name)
-    def __next__(self):
-        self.calls += 1
-        if self.calls == 3:
-            raise ud.DataError("every example of an epoch in a row was unreadable")
-        return next(self.it)
+# Patched on the class: Grain's checkpoint handler saves only its own iterator types.
+next_batch = loader.DataIterator.__next__
+what = sys.argv[1]
 
-def failing_on_process_1(*args, **kwargs):
-    it = make_loader(*args, **kwargs)
-    return Failing(it) if jax.process_index() == 1 else it
+def counting_next(self):
+    self.calls = getattr(self, "calls", 0) + 1
+    if what == "data" and jax.process_index() == 1 and self.calls == 3:
+        raise ud.DataError("every example of an epoch in a row was unreadable")
+    return next_batch(self)
 
-if sys.argv[1] == "data":
-    ud.make_loader = failing_on_process_1
-else:  # "metrics": process 0's metrics line of step 2 meets a full disk
+loader.DataIterator.__next__ = counting_next
+loader.DataIterator.num_skipped = property(
+    lambda self: (jax.process_index() + 1) * getattr(self, "calls", 0))
+if what == "metrics":  # process 0's metrics line of step 2 meets a full disk
     import json
     from unidiff.train import loop
 
@@ -227,4 +248,7 @@ def test_a_failure_on_one_process_stops_all_of_them(tmp_path, tiny_args, what):
     assert len(errors[other]) == 1, outs[other][-2000:]
     assert f"stopping before step 3: process {failed} of 2 failed" in errors[other][0], errors
     # Step 2's line is the one that met the full disk.
-    assert [m["step"] for m in read_metrics(tmp_path / "w")] == ([1, 2] if what == "data" else [1])
+    metrics = read_metrics(tmp_path / "w")
+    assert [m["step"] for m in metrics] == ([1, 2] if what == "data" else [1])
+    # Process 0's count alone was logged: 1 s.
+    assert [m["skipped_images"] for m in metrics] == [3 * m["step"] for m in metrics]

@@ -77,7 +77,16 @@ def test_bad_config_names_the_flag(tmp_path, overrides, needle):
         loop.prepare(cfg)
     msg = str(e.value)
     assert needle in msg and "\n" not in msg, msg
+    # finetune.py tells the model flags it copies from a pretraining by this name.
+    assert e.value.flag == re.match(r"--(\w+)", msg).group(1), (e.value.flag, msg)
     assert not (tmp_path / "w").exists()
+
+
+def test_config_error_flag_is_given_or_read_from_the_message():
+    assert ConfigError("--seed: must be >= 0").flag == "seed"
+    assert ConfigError("--model N/3 (--arch umd): too small", flag="arch").flag == "arch"
+    assert ConfigError("config.json: its resolved record is damaged").flag is None
+    assert isinstance(ConfigError("--seed: x"), ValueError)
 
 
 def test_good_config_prepares(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from collections.abc import Collection
 from typing import Any
@@ -30,7 +31,17 @@ def resolve_arch(recipe: str, arch: str = "auto") -> str:
 
 
 class ConfigError(ValueError):
-    """A bad flag; the message names it."""
+    """A bad flag; the message names it, and ``flag`` is that flag's name (no dashes).
+
+    ``flag`` defaults to the ``--name`` the message starts with (every message here does),
+    or None when it names no flag first (a damaged file, a problem of several flags)."""
+
+    def __init__(self, message: str, flag: str | None = None):
+        super().__init__(message)
+        if flag is None:
+            named = re.match(r"--(\w+)", message)
+            flag = named.group(1) if named else None
+        self.flag = flag
 
 
 def read_config_json(path: str, flag: str) -> dict[str, Any]:
@@ -114,7 +125,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         def fail(flag: str, msg: str) -> None:
-            raise ConfigError(f"--{flag}: {msg}")
+            raise ConfigError(f"--{flag}: {msg}", flag=flag)
 
         if not self.workdir:
             fail("workdir", "is required (a directory for checkpoints and metrics)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -136,11 +137,12 @@ def model_config_for(cfg: TrainConfig, image_size: int, channels: int, num_class
     variant = cfg.model
     patch = variant.rsplit("/", 1)[-1]
     if not patch.isdigit() or int(patch) < 1:
-        raise ConfigError(f"--model: expected a variant like 'B/4' (size/positive patch size), got {variant!r}")
+        raise ConfigError(f"--model: expected a variant like 'B/4' (size/positive patch size), got {variant!r}",
+                          flag="model")
     if image_size % int(patch):
         raise ConfigError(
-            f"--image_size {image_size} is not divisible by the patch size {patch} of --model {variant}"
-        )
+            f"--image_size {image_size} is not divisible by the patch size {patch} of --model {variant}",
+            flag="image_size")
     overrides = {}
     if cfg.num_cls_tokens >= 0:
         overrides["num_cls_tokens"] = cfg.num_cls_tokens
@@ -157,8 +159,8 @@ def model_config_for(cfg: TrainConfig, image_size: int, channels: int, num_class
     except ValueError as e:
         if str(e).startswith("si_position:"):
             given = "" if cfg.si_position is not None else " (the default; set --si_position)"
-            raise ConfigError(f"--{e}{given} at --model {variant}") from None
-        raise ConfigError(f"--model {variant} (--arch {arch}): {e}") from None
+            raise ConfigError(f"--{e}{given} at --model {variant}", flag="si_position") from None
+        raise ConfigError(f"--model {variant} (--arch {arch}): {e}", flag="model") from None
 
 
 # Flags whose only effect is the model, or the recipe's masking, that they build. A resume
@@ -516,6 +518,77 @@ def prepare(cfg: TrainConfig) -> Run:
                total, warmup, flip, info, _data_order(cfg, resume_step))
 
 
+# Flags a process may set for itself: where its copy of the data is mounted, and how
+# many workers read it. Every other flag must be the same on every process.
+_PER_PROCESS_FLAGS = ("data_dir", "num_workers")
+
+
+def _flag_fingerprints(cfg: TrainConfig) -> dict[str, int]:
+    """A 31-bit hash of each flag's value that the processes must agree on."""
+    out = {}
+    for field in dataclasses.fields(cfg):
+        if field.name not in _PER_PROCESS_FLAGS:
+            text = json.dumps(getattr(cfg, field.name), sort_keys=True).encode()
+            out[field.name] = int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "little") >> 1
+    return out
+
+
+class agreed_preparation:  # pylint: disable=invalid-name
+    """Context manager around a binary's preparation (flags, data, workdir checks) in a
+    multi-process run; a no-op with one process.
+
+    A process whose preparation raised used to exit alone while the others went on into
+    training and waited in its first collective until JAX's timeouts; and processes given
+    different flags (another ``--seed`` or ``--batch_size``) trained inconsistently or
+    hung. On leaving the block every process all-gathers whether it failed and a hash of
+    each of its flags (``_flag_fingerprints``). A failed process raises its own error;
+    the others raise ConfigError naming it, or naming the flags that differ. Set
+    ``.cfg`` inside the block to the run's TrainConfig.
+
+        with loop.agreed_preparation() as agreed:
+            run = loop.prepare(cli.config_from_flags(FLAGS))
+            agreed.cfg = run.cfg
+    """
+
+    def __init__(self):
+        self.cfg: TrainConfig | None = None
+
+    def __enter__(self) -> "agreed_preparation":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if jax.process_count() == 1:
+            return False
+        if exc_type is not None and not issubclass(exc_type, ValueError):
+            return False  # not a refusal (KeyboardInterrupt, a bug): nothing to agree on
+        failed = exc_type is not None or self.cfg is None
+        names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in _PER_PROCESS_FLAGS]
+        prints = _flag_fingerprints(self.cfg) if not failed else {}
+        mine = np.asarray([int(failed)] + [prints.get(n, 0) for n in names], np.int32)
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+        seen = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+        if exc_type is not None:
+            return False  # this process's own error, as in a one-process run
+        if failed:
+            raise ConfigError("agreed_preparation: the block did not set .cfg")
+        others = [int(i) for i in np.flatnonzero(seen[:, 0])]
+        if others:
+            raise ConfigError(
+                f"process{'es' if len(others) > 1 else ''} {', '.join(map(str, others))} of "
+                f"{jax.process_count()} refused the flags (see its log); every process stops")
+        differ = [n for j, n in enumerate(names) if np.any(seen[:, j + 1] != seen[0, j + 1])]
+        if differ:
+            procs = [int(i) for i in np.flatnonzero(np.any(seen[:, 1:] != seen[0, 1:], axis=1))]
+            raise ConfigError(
+                f"{', '.join('--' + n for n in differ)}: differ between the processes of this run "
+                f"(process{'es' if len(procs) > 1 else ''} {', '.join(map(str, procs))} against "
+                f"process 0; this one has {', '.join(f'{n}={getattr(self.cfg, n)!r}' for n in differ)}); "
+                "give every process the same flags (only "
+                f"{', '.join('--' + n for n in _PER_PROCESS_FLAGS)} may differ)")
+        return False
+
+
 class _Stop:
     """SIGTERM/SIGINT flag checked between steps (no work happens in the handler)."""
 
@@ -529,16 +602,19 @@ class _Stop:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self)
 
-    def agreed(self, failed: bool = False) -> tuple[int | None, list[int]]:
+    def agreed(self, failed: bool = False, skipped: int = 0) -> tuple[int | None, list[int], int]:
         """What every process of a multi-process run agrees on before a step, in one
-        all-gather: the signal (the largest any process has caught), and which processes
-        ``failed`` (e.g. could not read their data). A process that stopped alone, or a
-        step later than the others, would leave them waiting in the step's collectives."""
+        all-gather: the signal (the largest any process has caught), which processes
+        ``failed`` (e.g. could not read their data), and the sum of the processes'
+        ``skipped`` unreadable images (each loader counts its own shard's). A process
+        that stopped alone, or a step later than the others, would leave them waiting in
+        the step's collectives."""
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
         seen = np.asarray(multihost_utils.process_allgather(
-            np.asarray([self.signum or 0, int(failed)], np.int32))).reshape(-1, 2)
-        return int(seen[:, 0].max()) or None, [int(i) for i in np.flatnonzero(seen[:, 1])]
+            np.asarray([self.signum or 0, int(failed), skipped], np.int32))).reshape(-1, 3)
+        return (int(seen[:, 0].max()) or None, [int(i) for i in np.flatnonzero(seen[:, 1])],
+                int(seen[:, 2].sum()))
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -800,7 +876,8 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
                     # Agreed before the step, while the devices are idle (the last step
                     # has been waited for): every process then saves this step and
                     # exits, or every process stops for one that failed.
-                    signum, failed = stop.agreed(failure is not None)
+                    signum, failed, skipped_images = stop.agreed(
+                        failure is not None, int(data_iter.num_skipped))
                     if failed:
                         if failure is not None:
                             raise failure from None
@@ -828,7 +905,8 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
                     last = {k: float(v) for k, v in m.items() if k != "finite"}
                     last.update(step=step, images_per_s=ips,
                                 nonfinite_total=int(state.nonfinite_total),
-                                skipped_images=int(data_iter.num_skipped))
+                                skipped_images=skipped_images if multi_process
+                                else int(data_iter.num_skipped))
                     parts = " ".join(
                         f"{k[5:]} {last[k]:.4f}" for k in sorted(last)
                         if k.startswith("loss_")
