@@ -20,8 +20,16 @@ of ``unidiff/eval/inception.py``, made from the standard FID Inception weights
 
 Reference images (``--ref_dataset``) get the evaluation transform (centre crop + resize,
 to the samples' size when ``--samples`` is given) and are quantised to uint8 like the
-samples. Prints a readable line and one line of JSON. Bad input exits with status 2 and a
-one-line message naming the flag or file.
+samples. Prints a readable line and one line of JSON (with ``image_size`` of the samples and
+``ref_image_size`` when known). Bad input exits with status 2 and a one-line message naming
+the flag or file.
+
+Statistics files record the image size and the number of images they were computed from
+(``--save_stats``: the reference images' size; ``--save_sample_stats``: the samples' size,
+when they are square). FID across image sizes is meaningless (both are resized to 299x299,
+but the resize blurs them differently), so ``--ref_stats`` of another size than the
+``--samples`` is refused before any Inception work; a file that records no size (an older
+fid.py's, or another tool's such as ADM's reference batches) is used with a warning.
 """
 
 from __future__ import annotations
@@ -44,7 +52,9 @@ tune_host_allocator()
 quiet_backend_probe()
 
 flags.DEFINE_string("samples", None, "Samples .npz with 'images' uint8 (N, H, W, C) (sample.py).")
-flags.DEFINE_string("ref_stats", None, "Reference statistics .npz with 'mu' (D,) and 'sigma' (D, D).")
+flags.DEFINE_string("ref_stats", None, "Reference statistics .npz with 'mu' (D,) and 'sigma' (D, D); "
+                    "refused when it records an image size other than the --samples' "
+                    "(a file without one is used with a warning).")
 flags.DEFINE_string("ref_dataset", None, "Or compute the reference statistics from this dataset "
                     "(a --dataset name of the training binaries).")
 flags.DEFINE_string("ref_split", "train", "Split of --ref_dataset.")
@@ -57,8 +67,10 @@ flags.DEFINE_integer("max_ref", 0, "Use this many readable reference images (0 =
                      "Unreadable images are skipped and do not count.")
 flags.DEFINE_string("inception_weights", None, "Local .npz of FID Inception-v3 weights.")
 flags.DEFINE_string("save_stats", None, "Write the reference statistics computed from "
-                    "--ref_dataset here (.npz with mu, sigma) for later --ref_stats runs.")
-flags.DEFINE_string("save_sample_stats", None, "Write the samples' statistics here.")
+                    "--ref_dataset here (.npz with mu, sigma, and the image_size and "
+                    "num_images they are of) for later --ref_stats runs.")
+flags.DEFINE_string("save_sample_stats", None, "Write the samples' statistics here (with "
+                    "num_images, and image_size when the samples are square).")
 flags.DEFINE_integer("batch_size", 50, "Images per Inception call.")
 flags.DEFINE_integer("is_splits", 10, "Inception Score splits (capped at the sample count).")
 define_compilation_cache_flag()
@@ -102,9 +114,32 @@ def load_samples(path: str):
     return images
 
 
+def square_size(images) -> int | None:
+    """The side of (N, H, W, C) images when H == W, else None (no single size to record)."""
+    return int(images.shape[1]) if images.shape[1] == images.shape[2] else None
+
+
+def check_ref_size(ref_stats: str, ref_size: int | None, sample_hw: tuple[int, int]) -> str | None:
+    """UsageError when --ref_stats records another image size than the samples' (H, W);
+    the warning line to print when it records none; None when the sizes agree."""
+    h, w = sample_hw
+    if ref_size is None:
+        return (f"fid.py: warning: --ref_stats {ref_stats} does not record its image size (an "
+                f"older fid.py's or another tool's file), so it could not be checked against "
+                f"the {h}x{w} --samples; FID across image sizes is meaningless")
+    if (h, w) == (ref_size, ref_size):
+        return None
+    fix = (f"compute reference statistics at the samples' size with --ref_dataset=... "
+           f"--ref_image_size={h} --save_stats=... and give that file as --ref_stats"
+           if h == w else "reference statistics are of square images, so give square --samples")
+    raise UsageError(f"--ref_stats {ref_stats}: statistics of {ref_size}x{ref_size} images, but "
+                     f"the --samples are {h}x{w}; FID across image sizes is meaningless (the "
+                     f"resize to 299x299 blurs them differently): {fix}")
+
+
 def reference_images(size: int):
     """Batches of uint8 eval-transformed images of --ref_dataset/--ref_split, how many
-    readable images they will hold at most, and the split's size."""
+    readable images they will hold at most, the split's size, and the image size used."""
     import numpy as np
 
     from unidiff import data as ud
@@ -135,7 +170,7 @@ def reference_images(size: int):
         if buf:
             yield np.stack(buf)
 
-    return batches(), n, len(source)
+    return batches(), n, len(source), size
 
 
 def main(argv):
@@ -185,18 +220,31 @@ def main(argv):
                              f"images), got {FLAGS.max_ref}")
         samples = load_samples(FLAGS.samples) if FLAGS.samples else None
         ref_mu = ref_sigma = None
+        result: dict = {}
+        if samples is not None and square_size(samples) is not None:
+            result["image_size"] = square_size(samples)
         if FLAGS.ref_stats:
             try:
-                ref_mu, ref_sigma = fid_lib.load_stats(FLAGS.ref_stats)
+                ref_file = fid_lib.read_stats(FLAGS.ref_stats)
             except ValueError as e:
                 raise UsageError(f"--ref_stats: {e}") from None
+            ref_mu, ref_sigma = ref_file.mu, ref_file.sigma
             if ref_mu.shape[0] != inc.POOL_DIM:
                 raise UsageError(f"--ref_stats {FLAGS.ref_stats}: mu has {ref_mu.shape[0]} "
                                  f"features, the Inception pool has {inc.POOL_DIM}")
+            # Here, before the weights load and Inception compiles: a mismatch is known now.
+            warning = check_ref_size(FLAGS.ref_stats, ref_file.image_size, samples.shape[1:3])
+            if warning:
+                print(warning, file=sys.stderr)
+            if ref_file.image_size is not None:
+                result["ref_image_size"] = ref_file.image_size
+            if ref_file.num_images is not None:
+                result["num_ref"] = ref_file.num_images
         ref_batches = None
         if FLAGS.ref_dataset:
             size = FLAGS.ref_image_size or (samples.shape[1] if samples is not None else 0)
-            ref_batches, ref_n, ref_total = reference_images(size)
+            ref_batches, ref_n, ref_total, ref_size = reference_images(size)
+            result["ref_image_size"] = ref_size
             if ref_n < 2:
                 raise UsageError(f"--ref_dataset {FLAGS.ref_dataset}: need at least 2 images")
         try:
@@ -226,7 +274,6 @@ def main(argv):
         return stats, (np.concatenate(probs) if want_probs else None)
 
     start = time.perf_counter()
-    result: dict = {}
     if ref_batches is not None:
         ref, _ = run(ref_batches, want_probs=False)
         if ref.count < 2:  # unreadable images are skipped (the log names them)
@@ -237,14 +284,16 @@ def main(argv):
         ref_mu, ref_sigma = ref.mean, ref.cov
         result["num_ref"] = ref.count
         if FLAGS.save_stats:
-            fid_lib.save_stats(FLAGS.save_stats, ref_mu, ref_sigma)
+            fid_lib.save_stats(FLAGS.save_stats, ref_mu, ref_sigma, image_size=ref_size,
+                               num_images=ref.count)
             print(f"wrote reference statistics of {ref.count} {FLAGS.ref_dataset}/"
                   f"{FLAGS.ref_split} images to {FLAGS.save_stats}")
     if samples is not None:
         chunks = (samples[i:i + bsz] for i in range(0, samples.shape[0], bsz))
         st, probs = run(chunks, want_probs=True)
         if FLAGS.save_sample_stats:
-            fid_lib.save_stats(FLAGS.save_sample_stats, st.mean, st.cov)
+            fid_lib.save_stats(FLAGS.save_sample_stats, st.mean, st.cov,
+                               image_size=square_size(samples), num_images=st.count)
         fid = fid_lib.frechet_distance(st.mean, st.cov, ref_mu, ref_sigma)
         is_mean, is_std = fid_lib.inception_score(probs, min(FLAGS.is_splits, samples.shape[0]))
         result.update(fid=fid, inception_score=is_mean, inception_score_std=is_std,

@@ -10,7 +10,9 @@ from unidiff.eval.fid import (
     feature_stats,
     frechet_distance,
     inception_score,
+    StatsFile,
     load_stats,
+    read_stats,
     save_stats,
 )
 
@@ -142,6 +144,68 @@ def test_stats_round_trip(tmp_path):
     mu2, sigma2 = load_stats(path)
     np.testing.assert_array_equal(mu2, mu)
     np.testing.assert_array_equal(sigma2, sigma)
+
+
+def test_stats_record_image_size_and_count(tmp_path):
+    rng = np.random.default_rng(4)
+    mu, sigma = rng.standard_normal(5), _spd(rng, 5)
+    for kwargs in ({}, {"image_size": 64}, {"num_images": 50_000},
+                   {"image_size": np.int32(32), "num_images": 7}):
+        path = tmp_path / "ref.npz"
+        save_stats(path, mu, sigma, **kwargs)
+        stats = read_stats(path)
+        assert isinstance(stats, StatsFile)
+        np.testing.assert_array_equal(stats.mu, mu)
+        np.testing.assert_array_equal(stats.sigma, sigma)
+        assert stats.image_size == kwargs.get("image_size")
+        assert stats.num_images == kwargs.get("num_images")
+        assert type(stats.image_size) in (int, type(None)), kwargs  # plain ints, not numpy
+        with np.load(path) as data:
+            assert sorted(data.files) == sorted(["mu", "sigma", *kwargs])
+            for key in kwargs:
+                assert data[key].shape == () and data[key].dtype == np.int64
+        mu2, sigma2 = load_stats(path)  # the old reader is unchanged
+        np.testing.assert_array_equal(mu2, mu)
+        np.testing.assert_array_equal(sigma2, sigma)
+
+
+def test_stats_of_other_tools_read_without_size(tmp_path):
+    """Files with only mu and sigma (an older save_stats, ADM's reference batches with
+    their extra arrays) still load; the size and count are unknown."""
+    rng = np.random.default_rng(5)
+    mu, sigma = rng.standard_normal(4), _spd(rng, 4)
+    old = tmp_path / "old.npz"
+    np.savez(old, mu=mu, sigma=sigma)
+    adm = tmp_path / "VIRTUAL_imagenet64_labeled.npz"
+    np.savez(adm, arr_0=np.zeros((2, 4, 4, 3), np.uint8), mu=mu, sigma=sigma)
+    for path in (old, adm):
+        stats = read_stats(path)
+        assert stats.image_size is None and stats.num_images is None
+        np.testing.assert_array_equal(stats.mu, mu)
+        np.testing.assert_array_equal(load_stats(path)[1], sigma)
+
+
+def test_save_stats_rejects_bad_size_or_count(tmp_path):
+    mu, sigma = np.zeros(3), np.eye(3)
+    for name, value in (("image_size", 0), ("image_size", -8), ("image_size", 32.0),
+                        ("image_size", True), ("num_images", "10"), ("num_images", 0)):
+        path = tmp_path / "ref.npz"
+        with pytest.raises(ValueError, match=name):
+            save_stats(path, mu, sigma, **{name: value})
+        assert not path.exists()
+
+
+def test_read_stats_rejects_malformed_size_or_count(tmp_path):
+    mu, sigma = np.zeros(3), np.eye(3)
+    for key in ("image_size", "num_images"):
+        for i, bad in enumerate((np.array(0), np.array(-64), np.array(64.0), np.array([64]),
+                                 np.array(True), np.array("64"))):
+            path = tmp_path / f"bad_{key}_{i}.npz"
+            np.savez(path, mu=mu, sigma=sigma, **{key: bad})
+            with pytest.raises(ValueError, match=f"bad_{key}_{i}.npz.*'{key}'"):
+                read_stats(path)
+            with pytest.raises(ValueError, match=f"'{key}'"):
+                load_stats(path)
 
 
 def test_load_stats_rejects_malformed_files(tmp_path):

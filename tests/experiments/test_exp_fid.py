@@ -79,6 +79,51 @@ def test_fid_bad_input_names_the_flag_or_file(tmp_path):
     assert "images" in np.load(samples).files  # the samples survived
 
 
+def _stats(path, **meta):
+    # Compressed: an identity (2048, 2048) float64 covariance is 32 MB raw.
+    np.savez_compressed(path, mu=np.zeros(2048), sigma=np.eye(2048),
+                        **{k: np.int64(v) for k, v in meta.items()})
+
+
+def test_fid_ref_stats_of_another_image_size_are_refused(tmp_path):
+    """The check runs before the weights load (a missing file here) and Inception
+    compiles: statistics of 64x64 images against 16x16 samples stop at once."""
+    samples, wide = tmp_path / "s.npz", tmp_path / "wide.npz"
+    _samples(samples, size=16)
+    np.savez(wide, images=np.zeros((4, 16, 24, 3), np.uint8))
+    sized = {size: tmp_path / f"ref{size}.npz" for size in (16, 64)}
+    for size, path in sized.items():
+        _stats(path, image_size=size, num_images=100)
+    unsized = tmp_path / "adm_ref.npz"
+    _stats(unsized)
+    missing = tmp_path / "nope.npz"
+    cases = [
+        # (samples, ref_stats, the warning line's substrings or None, the error's substrings)
+        (samples, sized[64], None,
+         ("--ref_stats", str(sized[64]), "64x64", "16x16", "--ref_dataset",
+          "--ref_image_size=16", "--save_stats")),
+        (wide, sized[16], None, ("--ref_stats", str(sized[16]), "16x16", "16x24", "square")),
+        # The sizes agree, or cannot be checked (with a warning): on to the weights.
+        (samples, sized[16], None, ("--inception_weights", "not found")),
+        (samples, unsized, ("fid.py: warning: ", "--ref_stats", str(unsized),
+                            "does not record its image size", "16x16"),
+         ("--inception_weights", "not found")),
+    ]
+    procs = [_popen([f"--samples={smp}", f"--ref_stats={ref}", f"--inception_weights={missing}"])
+             for smp, ref, _, _ in cases]
+    for (smp, ref, warning, expect), proc in zip(cases, procs):
+        out, err = proc.communicate(timeout=300)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 2, (smp, ref, out, err)
+        assert len(lines) == (2 if warning else 1), (smp, ref, err)
+        if warning:
+            for part in warning:
+                assert part in lines[0], (smp, ref, lines)
+        assert lines[-1].startswith("fid.py: error: "), (smp, ref, err)
+        for part in expect:
+            assert part in lines[-1], (smp, ref, lines)
+
+
 def test_fid_reference_without_two_readable_images_is_one_line(tmp_path):
     """Unreadable reference images are skipped; with fewer than 2 left there is no
     covariance, which used to end in a traceback from the statistics after the pass."""
@@ -118,11 +163,14 @@ def test_fid_end_to_end_with_random_weights(tmp_path):
     ], timeout=900)
     r1 = json.loads(first.stdout.strip().splitlines()[-1])
     assert r1["num_ref"] == 5 and r1["num_samples"] == 4
+    assert r1["image_size"] == 16 and r1["ref_image_size"] == 16
     assert np.isfinite(r1["fid"]) and r1["fid"] >= 0
     # IS of a 2-chunk split lies in [1, number of classes].
     assert 1.0 - 1e-9 <= r1["inception_score"] <= inc.NUM_CLASSES
     mu, sigma = fid_lib.load_stats(ref)
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    saved = fid_lib.read_stats(ref)  # the reference images' size (the samples') and count
+    assert saved.image_size == 16 and saved.num_images == 5
     np.testing.assert_allclose(sigma, sigma.T)
 
     # Independent check: features in-process, numpy covariance, scipy's sqrtm.
@@ -145,10 +193,16 @@ def test_fid_end_to_end_with_random_weights(tmp_path):
     expected = float(np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
     assert r1["fid"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
 
-    # Against the saved statistics the FID is the same number.
+    # Against the saved statistics the FID is the same number, with no size warning.
+    sample_stats = tmp_path / "sample_stats.npz"
     second = run_binary("fid.py", [f"--samples={samples}", f"--ref_stats={ref}",
                                    f"--inception_weights={weights}", "--batch_size=3",
-                                   "--is_splits=2"], timeout=900)
+                                   "--is_splits=2", f"--save_sample_stats={sample_stats}"],
+                        timeout=900)
     r2 = json.loads(second.stdout.strip().splitlines()[-1])
     assert r2["fid"] == pytest.approx(r1["fid"], rel=1e-6, abs=1e-6)
+    assert r2["image_size"] == 16 and r2["ref_image_size"] == 16 and r2["num_ref"] == 5
+    assert "warning" not in second.stderr
+    saved = fid_lib.read_stats(sample_stats)
+    assert saved.image_size == 16 and saved.num_images == 4
     assert "FID" in second.stdout and "IS" in second.stdout

@@ -6,7 +6,12 @@ trace(sqrtm(s1 @ s2)) = the sum of the singular values of sqrt(s1) @ sqrt(s2) (t
 eigenvalues of s1 @ s2 are those of sqrt(s1) @ s2 @ sqrt(s1), the squared singular
 values), so ``numpy.linalg.eigh`` and ``svd`` suffice.
 
-Reference statistics files are ``.npz`` with ``mu`` (d,) and ``sigma`` (d, d).
+Reference statistics files are ``.npz`` with ``mu`` (d,) and ``sigma`` (d, d), and, when
+the writer knew them, ``image_size`` (the side of the square images the features were
+computed from) and ``num_images`` (how many), both 0-d int64. FID of images of one size
+against statistics of another is meaningless (the Inception resize to 299x299 blurs them
+differently), so the size is recorded for the reader to check; files of other tools (e.g.
+ADM's reference batches) have only ``mu`` and ``sigma`` and still load, with the size unknown.
 
 Shape glossary: N number of samples; D feature dimension (2048 for Inception pool); K classes.
 """
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from jaxtyping import Float
@@ -143,16 +148,65 @@ def inception_score(probs: Float[Any, "n k"], splits: int = 10) -> tuple[float, 
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def save_stats(path: str | os.PathLike, mu: Float[Any, "d"], sigma: Float[Any, "d d"]) -> None:
-    """Write reference statistics as ``.npz`` with keys ``mu`` and ``sigma`` (float64)."""
+# Optional integer entries of a statistics file, beside mu and sigma.
+_META_KEYS = ("image_size", "num_images")
+
+
+class StatsFile(NamedTuple):
+    """The contents of a statistics ``.npz``; ``None`` for an optional key the file lacks."""
+
+    mu: Float[np.ndarray, "d"]
+    sigma: Float[np.ndarray, "d d"]
+    image_size: int | None  # side of the square images the features came from
+    num_images: int | None  # how many images the statistics are of
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    # bool is an int subclass: True would be stored as size 1 without a word.
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def save_stats(
+    path: str | os.PathLike,
+    mu: Float[Any, "d"],
+    sigma: Float[Any, "d d"],
+    *,
+    image_size: int | None = None,
+    num_images: int | None = None,
+) -> None:
+    """Write statistics as ``.npz``: ``mu`` and ``sigma`` (float64), and ``image_size`` and
+    ``num_images`` (0-d int64) when given. ValueError naming the argument when they are not
+    positive integers."""
+    meta = {}
+    for name, value in (("image_size", image_size), ("num_images", num_images)):
+        if value is not None:
+            meta[name] = np.asarray(_check_positive_int(value, name), np.int64)
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     _check_stats(mu, sigma, f"statistics for {os.fspath(path)!r}")
     with atomic_write(os.fspath(path)) as f:
-        np.savez(f, mu=mu, sigma=sigma)
+        np.savez(f, mu=mu, sigma=sigma, **meta)
 
 
-def load_stats(path: str | os.PathLike) -> tuple[Float[np.ndarray, "d"], Float[np.ndarray, "d d"]]:
-    """Read ``mu``, ``sigma`` from an ``.npz``; ValueError naming the file when malformed."""
+def _read_meta(data: np.lib.npyio.NpzFile, key: str, source: str) -> int | None:
+    if key not in data.files:
+        return None
+    try:
+        value = data[key]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"statistics file {source!r} has an unreadable {key!r} ({e})") from e
+    # A float or an array here is not what save_stats writes: refuse rather than round,
+    # since the size is what decides whether two statistics may be compared at all.
+    if value.shape != () or value.dtype.kind not in "iu" or value <= 0:
+        raise ValueError(f"statistics file {source!r}: {key!r} must be a positive scalar "
+                         f"integer, got {value.dtype} {value.shape} {value.tolist()!r}")
+    return int(value)
+
+
+def read_stats(path: str | os.PathLike) -> StatsFile:
+    """Read a statistics ``.npz``: ``mu``, ``sigma`` and the optional ``image_size`` and
+    ``num_images`` (``None`` when absent); ValueError naming the file (and key) when malformed."""
     source = os.fspath(path)
     if not os.path.isfile(source):
         raise ValueError(f"statistics file {source!r} not found")
@@ -174,6 +228,7 @@ def load_stats(path: str | os.PathLike) -> tuple[Float[np.ndarray, "d"], Float[n
             sigma = np.asarray(data["sigma"], np.float64)
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
             raise ValueError(f"statistics file {source!r} has an unreadable entry ({e})") from e
+        image_size, num_images = (_read_meta(data, key, source) for key in _META_KEYS)
     _check_stats(mu, sigma, f"statistics file {source!r}")
     if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
         raise ValueError(f"statistics file {source!r} contains non-finite values")
@@ -182,4 +237,11 @@ def load_stats(path: str | os.PathLike) -> tuple[Float[np.ndarray, "d"], Float[n
     scale = max(float(np.max(np.abs(sigma), initial=0.0)), np.finfo(np.float64).tiny)
     if np.max(np.abs(sigma - sigma.T), initial=0.0) > 1e-6 * scale:
         raise ValueError(f"statistics file {source!r}: 'sigma' is not symmetric, so not a covariance")
-    return mu, sigma
+    return StatsFile(mu, sigma, image_size, num_images)
+
+
+def load_stats(path: str | os.PathLike) -> tuple[Float[np.ndarray, "d"], Float[np.ndarray, "d d"]]:
+    """Read ``mu``, ``sigma`` from an ``.npz`` (``read_stats`` without the optional entries);
+    ValueError naming the file when malformed."""
+    stats = read_stats(path)
+    return stats.mu, stats.sigma
