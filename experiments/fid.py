@@ -60,7 +60,8 @@ flags.DEFINE_string("ref_dataset", None, "Or compute the reference statistics fr
 flags.DEFINE_string("ref_split", "train", "Split of --ref_dataset.")
 flags.DEFINE_string("ref_data_dir", None, "--data_dir of --ref_dataset.")
 flags.DEFINE_integer("ref_image_size", 0, "Resize reference images to this size; 0 = the "
-                     "samples' size (or the dataset's native size without --samples).")
+                     "samples' size (or the dataset's native size without --samples). With "
+                     "--samples, another size than theirs is refused.")
 flags.DEFINE_integer("max_ref", 0, "Use this many readable reference images (0 = all; else >= 2): "
                      "a random subset (fixed seed 0, the same on every run), not the first ones, "
                      "which in a class-sorted folder would be the first classes only. "
@@ -242,6 +243,16 @@ def main(argv):
                 result["num_ref"] = ref_file.num_images
         ref_batches = None
         if FLAGS.ref_dataset:
+            if samples is not None:  # the reference images are made at the samples' size
+                h, w = samples.shape[1:3]
+                if h != w:
+                    raise UsageError(f"--samples {FLAGS.samples}: the images are {h}x{w}, and "
+                                     "reference images are square; give square --samples")
+                if FLAGS.ref_image_size and FLAGS.ref_image_size != h:
+                    raise UsageError(f"--ref_image_size {FLAGS.ref_image_size}: the --samples are "
+                                     f"{h}x{w}, and FID across image sizes is meaningless (the "
+                                     "resize to 299x299 blurs them differently); leave it 0 (the "
+                                     "samples' size)")
             size = FLAGS.ref_image_size or (samples.shape[1] if samples is not None else 0)
             ref_batches, ref_n, ref_total, ref_size = reference_images(size)
             result["ref_image_size"] = ref_size

@@ -98,18 +98,23 @@ def test_fid_ref_stats_of_another_image_size_are_refused(tmp_path):
     _stats(unsized)
     missing = tmp_path / "nope.npz"
     cases = [
-        # (samples, ref_stats, the warning line's substrings or None, the error's substrings)
-        (samples, sized[64], None,
+        # (samples, reference flags, the warning line's substrings or None, the error's substrings)
+        (samples, [f"--ref_stats={sized[64]}"], None,
          ("--ref_stats", str(sized[64]), "64x64", "16x16", "--ref_dataset",
           "--ref_image_size=16", "--save_stats")),
-        (wide, sized[16], None, ("--ref_stats", str(sized[16]), "16x16", "16x24", "square")),
+        (wide, [f"--ref_stats={sized[16]}"], None, ("--ref_stats", str(sized[16]), "16x16", "16x24", "square")),
+        # Reference statistics computed here, at another size than the samples'.
+        (samples, ["--ref_dataset=digits", "--ref_image_size=32"], None,
+         ("--ref_image_size 32", "16x16", "leave it 0")),
+        (wide, ["--ref_dataset=digits"], None, ("--samples", "16x24", "square")),
         # The sizes agree, or cannot be checked (with a warning): on to the weights.
-        (samples, sized[16], None, ("--inception_weights", "not found")),
-        (samples, unsized, ("fid.py: warning: ", "--ref_stats", str(unsized),
-                            "does not record its image size", "16x16"),
+        (samples, [f"--ref_stats={sized[16]}"], None, ("--inception_weights", "not found")),
+        (samples, ["--ref_dataset=digits", "--ref_image_size=16"], None, ("--inception_weights", "not found")),
+        (samples, [f"--ref_stats={unsized}"], ("fid.py: warning: ", "--ref_stats", str(unsized),
+                                              "does not record its image size", "16x16"),
          ("--inception_weights", "not found")),
     ]
-    procs = [_popen([f"--samples={smp}", f"--ref_stats={ref}", f"--inception_weights={missing}"])
+    procs = [_popen([f"--samples={smp}", *ref, f"--inception_weights={missing}"])
              for smp, ref, _, _ in cases]
     for (smp, ref, warning, expect), proc in zip(cases, procs):
         out, err = proc.communicate(timeout=300)
