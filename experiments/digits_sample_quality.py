@@ -54,9 +54,11 @@ def load(path: str):
                          f"{images.dtype} {images.shape}")
     if images.shape[0] == 0:
         raise ValueError(f"--samples {path}: holds no images")
-    if labels.shape != (images.shape[0],) or labels.min() < 0 or labels.max() > 9:
-        raise ValueError(f"--samples {path}: labels must be (N,) class ids 0..9 (a class-"
-                         "conditional model's samples)")
+    # Float labels (2.5) would match no prediction and count as misses without a word.
+    if labels.dtype.kind not in "iu" or labels.shape != (images.shape[0],) or labels.min() < 0 \
+            or labels.max() > 9:
+        raise ValueError(f"--samples {path}: labels must be (N,) integer class ids 0..9 (a "
+                         f"class-conditional model's samples), got {labels.dtype} {labels.shape}")
     return images, labels
 
 

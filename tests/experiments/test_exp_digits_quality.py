@@ -34,20 +34,24 @@ def test_real_digits_score_the_test_accuracy(tmp_path):
     assert bad.returncode == 2 and "--samples" in bad.stderr and "(N, 16, 16, 1)" in bad.stderr
 
 
-@pytest.mark.parametrize("kind", ["png", "npy", "empty"])
+@pytest.mark.parametrize("kind", ["png", "npy", "empty", "float_labels"])
 def test_wrong_file_kinds_get_one_line_naming_samples(tmp_path, kind):
     """The sample.py .png grid was called pickled data, a bare .npy ended in a TypeError
-    traceback and an empty .npz in numpy's 'zero-size array' message."""
-    path = tmp_path / f"s.{'npz' if kind == 'empty' else kind}"
+    traceback and an empty .npz in numpy's 'zero-size array' message; float labels were
+    accepted and matched no prediction."""
+    path = tmp_path / f"s.{kind if kind in ('png', 'npy') else 'npz'}"
     if kind == "png":
         Image.fromarray(np.zeros((16, 16), np.uint8)).save(path)
     elif kind == "npy":
         with open(path, "wb") as f:
             np.save(f, np.zeros((4, 16, 16, 1), np.uint8))
-    else:
+    elif kind == "empty":
         np.savez(path, images=np.zeros((0, 16, 16, 1), np.uint8), labels=np.zeros((0,), np.int32))
+    else:
+        np.savez(path, images=np.zeros((4, 16, 16, 1), np.uint8), labels=np.full((4,), 2.5))
     proc = run_binary("digits_sample_quality.py", [f"--samples={path}"], check=False)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"digits_sample_quality.py: error: --samples {path}"), lines
-    assert ("no images" if kind == "empty" else "not an .npz archive") in lines[0], lines
+    assert {"empty": "no images", "float_labels": "samples), got float64 (4,)"}.get(
+        kind, "not an .npz archive") in lines[0], lines
