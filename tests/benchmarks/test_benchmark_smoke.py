@@ -232,6 +232,26 @@ def test_time_recipes_order_and_warmup(bench, interleave):
     assert calls == ["a", "b", "c"]
 
 
+def test_matmul_probe_enqueues_short_matmuls_back_to_back(bench):
+    """A matmul shorter than ``min_time_s`` is timed as ``calls`` calls enqueued back to
+    back and one block on the last (dispatch and sync, paid once, no longer lower the
+    peak on a GPU); the time is per call, and the FLOPs are one matmul's."""
+    probe = bench.MatmulProbe(16, "float32", min_time_s=0.5)
+    assert probe.flops == 2 * 16**3
+    assert 1 < probe.calls <= 1000  # a 16^2 matmul takes microseconds, far below 0.5 s
+    real, seen = probe._f, []
+
+    def counted(*args):
+        seen.append(len(args))
+        return real(*args)
+
+    probe._f = counted
+    per_call = probe.time_once()
+    assert seen == [2] * probe.calls and per_call > 0
+    # A matmul longer than min_time_s is timed alone, one call at a time (the cpu preset).
+    assert bench.MatmulProbe(16, "float32", min_time_s=0.0).calls == 1
+
+
 def test_initial_params_are_shared_per_architecture_and_survive_donation(bench):
     """The suite initialises each architecture once: the cached parameters equal a fresh
     ``model.init`` with the same key, and each recipe gets its own device buffers (the
