@@ -373,3 +373,22 @@ def test_splits_share_examples(tmp_path, fakes):
     fakes.write_latents(str(tmp_path / "test"), n=3)
     assert not share("latents", str(tmp_path), "val", "test")
     assert share("latents", str(tmp_path), "validation", "val")
+
+
+def test_imagenet64_official_two_part_download_reads_both_parts(tmp_path, fakes):
+    # Imagenet64_train_part{1,2}_npz.zip unzip into two folders: batches 1-5 and 6-10.
+    parts = {"Imagenet64_train_part1_npz": range(1, 6), "Imagenet64_train_part2_npz": range(6, 11)}
+    for part, numbers in parts.items():
+        (tmp_path / part).mkdir()
+        for k in numbers:
+            np.savez(tmp_path / part / f"train_data_batch_{k}.npz",
+                     data=np.full((2, 3 * 8 * 8), k, np.uint8), labels=[k, k])
+    src = ud.ImageNetNpzSource(str(tmp_path), "train", image_size=8)
+    assert len(src) == 20
+    assert [int(src[2 * i]["image"][0, 0, 0]) for i in range(10)] == list(range(1, 11))
+    assert [int(src[2 * i]["label"]) for i in range(10)] == list(range(10))
+    # The same batch in two places is refused, naming both.
+    np.savez(tmp_path / "train_data_batch_3.npz", data=np.zeros((2, 3 * 8 * 8), np.uint8),
+             labels=[1, 1])
+    with pytest.raises(ud.DataError, match="batch 3 is there twice"):
+        ud.ImageNetNpzSource(str(tmp_path), "train", image_size=8)

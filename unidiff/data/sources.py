@@ -140,21 +140,34 @@ _BATCH_RE = re.compile(r"^train_data_batch_(\d+)\.npz$")
 
 
 def _find_npz(root: str, split: str) -> list[str]:
-    """train_data_batch_<k>.npz (numeric order) or val_data.npz, in root or one level below."""
+    """train_data_batch_<k>.npz (numeric order) or val_data.npz, in root or one level below.
+
+    The training batches are gathered from root and every folder one level below: the
+    official ImageNet64 download comes as two archives that unzip into two folders
+    (Imagenet64_train_part1_npz/ with batches 1-5, ..._part2_npz/ with 6-10), and
+    taking the first folder alone trained on half the data. A batch number found twice
+    is an error (which copy to read?).
+    """
     candidates = [root] + sorted(
         os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
     )
+    if split == "train":
+        found: dict[int, str] = {}
+        for folder in candidates:
+            for n in os.listdir(folder):
+                m = _BATCH_RE.match(n)
+                if not m:
+                    continue
+                path = os.path.join(folder, n)
+                k = int(m.group(1))
+                if k in found:
+                    raise DataError(f"--data_dir={root}: training batch {k} is there twice, "
+                                    f"{found[k]} and {path}; keep one copy")
+                found[k] = path
+        return [found[k] for k in sorted(found)]
     for folder in candidates:
-        names = os.listdir(folder)
-        if split == "train":
-            found = sorted(
-                (int(m.group(1)), n) for n in names if (m := _BATCH_RE.match(n))
-            )
-            files = [os.path.join(folder, n) for _, n in found]
-        else:
-            files = [os.path.join(folder, "val_data.npz")] if "val_data.npz" in names else []
-        if files:
-            return files
+        if "val_data.npz" in os.listdir(folder):
+            return [os.path.join(folder, "val_data.npz")]
     return []
 
 
