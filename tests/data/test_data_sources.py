@@ -392,3 +392,16 @@ def test_imagenet64_official_two_part_download_reads_both_parts(tmp_path, fakes)
              labels=[1, 1])
     with pytest.raises(ud.DataError, match="batch 3 is there twice"):
         ud.ImageNetNpzSource(str(tmp_path), "train", image_size=8)
+
+
+def test_latents_held_out_split_without_labels_where_train_has_them_is_refused(tmp_path, fakes):
+    """Its labels would be all 0 (num_classes 0): a probe scored against class 0 alone."""
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+    fakes.write_latents(str(tmp_path / "train"))
+    fakes.write_latents(str(tmp_path / "test"), n=3, labels=False)
+    with pytest.raises(ud.DataError, match=r"test/labels.npy is missing, but the training split"):
+        ud.build_source("latents", str(tmp_path), "test")
+    # Unlabeled throughout stays fine.
+    os.remove(tmp_path / "train" / "labels.npy")
+    assert ud.build_source("latents", str(tmp_path), "test").num_classes == 0

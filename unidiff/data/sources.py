@@ -617,6 +617,12 @@ class LatentSource:
                                     f"training split ({train_labels} has labels 0..{train - 1})")
                 self.num_classes = train
         else:
+            train_labels = os.path.join(root, "train", "labels.npy")
+            if split == "test" and os.path.isfile(train_labels):
+                # All-zero stand-in labels would score a probe against class 0 alone.
+                raise DataError(f"--data_dir={root}: {label_path} is missing, but the training "
+                                f"split has labels ({train_labels}); --dataset=latents needs the "
+                                "held-out split's labels.npy too")
             self._labels = np.zeros((self._num,), np.int32)
             self.num_classes = 0
         self._array: np.ndarray | None = None
