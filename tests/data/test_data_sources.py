@@ -405,3 +405,16 @@ def test_latents_held_out_split_without_labels_where_train_has_them_is_refused(t
     # Unlabeled throughout stays fine.
     os.remove(tmp_path / "train" / "labels.npy")
     assert ud.build_source("latents", str(tmp_path), "test").num_classes == 0
+
+
+def test_latents_held_out_split_of_another_shape_is_refused(tmp_path, fakes):
+    """Latents are not resized, so probe.py fed them to the model and died in a traceback."""
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+    fakes.write_latents(str(tmp_path / "train"), shape=(4, 4, 4))
+    fakes.write_latents(str(tmp_path / "val"), n=3, shape=(8, 8, 4))
+    with pytest.raises(ud.DataError, match=r"val/latents.npy: latents of shape .* \(8, 8, 4\), but "
+                       r"the training split's .* \(4, 4, 4\)"):
+        ud.build_source("latents", str(tmp_path), "test")
+    fakes.write_latents(str(tmp_path / "val"), n=3, shape=(4, 4, 4))
+    assert ud.build_source("latents", str(tmp_path), "test").image_shape == (4, 4, 4)

@@ -602,6 +602,18 @@ class LatentSource:
         self.image_shape = tuple(int(d) for d in arr.shape[1:])
         self.channels = self.image_shape[-1]
         self._num = int(arr.shape[0])
+        train_path = os.path.join(root, "train", "latents.npy")
+        if split == "test" and os.path.isfile(train_path):
+            # Latents are not resized: the model trained on train's grid takes only that.
+            try:
+                train_shape = tuple(int(d) for d in np.load(train_path, mmap_mode="r",
+                                                             allow_pickle=False).shape[1:])
+            except (OSError, ValueError) as err:
+                raise DataError(f"{train_path}: not a readable .npy array ({err})") from None
+            if train_shape != self.image_shape:
+                raise DataError(f"{self.path}: latents of shape (h, w, c) = {self.image_shape}, but "
+                                f"the training split's ({train_path}) are {train_shape}; "
+                                "--dataset=latents needs both splits encoded alike")
         label_path = os.path.join(folder, "labels.npy")
         if os.path.isfile(label_path):
             lab = _read_labels(label_path, self._num)
