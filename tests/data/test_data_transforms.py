@@ -39,6 +39,34 @@ def test_crop_box_area_and_aspect_in_range(h, aspect_u, lo, width_frac, seed):
         assert smallest_aspect <= 4.0 / 3.0 + 1e-9 and largest_aspect >= 0.75 - 1e-9
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    h=st.integers(8, 64),
+    stretch=st.floats(1.0, 4.0),
+    tall=st.booleans(),
+    lo=st.floats(0.05, 1.0),
+    width_frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31),
+)
+def test_crop_box_keeps_the_area_range_on_images_outside_the_aspect_range(h, stretch, tall, lo,
+                                                                          width_frac, seed):
+    """A 3:2 image at area (0.95, 1) gave boxes of area 0.917-0.948 and aspect
+    1.375-1.42: the image's aspect clipped to 4/3, then the box cut to the image."""
+    long_side = max(h, int(round(h * 4 / 3 * stretch)))
+    H, W = (long_side, h) if tall else (h, long_side)
+    hi = lo + (1.0 - lo) * width_frac
+    # Even the smallest area of the range needs an aspect beyond 4/3 (or below 3/4).
+    infeasible = lo * max(H, W) / min(H, W) > 4 / 3
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        top, left, ch, cw = T.sample_crop_box(rng, H, W, (lo, hi))
+        assert 0 <= top and top + ch <= H and 0 <= left and left + cw <= W and ch >= 1 and cw >= 1
+        tol = (0.5 * (H + W) + 0.25) / (H * W)
+        assert lo - tol <= ch * cw / (H * W) <= hi + tol
+        if infeasible:  # the nearest fitting aspect: the whole short side
+            assert (cw == W) if tall else (ch == H)
+
+
 def test_crop_box_covers_area_range():
     """The sampler explores the whole area range, not one corner of it."""
     rng = np.random.default_rng(0)

@@ -54,8 +54,10 @@ def sample_crop_box(
     First a few rejection draws of (area, log-aspect) jointly uniform, as in the
     usual RandomResizedCrop; if all are infeasible, the area is kept and the
     aspect drawn from the feasible interval for that area, so the area range is
-    never silently violated (only for images so elongated that no aspect in
-    range fits is the aspect clipped).
+    never violated. Where no aspect in range fits that area (a wide image and a
+    large area: a 3:2 image at area 0.95 needs w/h >= 1.425), the box takes the
+    full height (or, for a tall image, the full width), the fitting aspect
+    nearest the range.
     """
     lo, hi = area_range
     a_lo, a_hi = aspect_range
@@ -80,12 +82,16 @@ def sample_crop_box(
             return box(area, aspect)
     area = rng.uniform(lo, hi)
     # w <= W  <=>  aspect <= W^2 / (area*total);  h <= H  <=>  aspect >= area*total / H^2.
-    feas_lo = max(a_lo, area * total / height**2)
-    feas_hi = min(a_hi, width**2 / (area * total))
+    fit_lo, fit_hi = area * total / height**2, width**2 / (area * total)
+    feas_lo, feas_hi = max(a_lo, fit_lo), min(a_hi, fit_hi)
     if feas_lo <= feas_hi:
         aspect = math.exp(rng.uniform(math.log(feas_lo), math.log(feas_hi)))
     else:
-        aspect = min(max(width / height, a_lo), a_hi)
+        # No aspect in range fits this area (a 3:2 image at area 0.95 needs w/h >= 1.425):
+        # the fitting aspect nearest the range, i.e. the full height (or width). Clipping
+        # the image's own aspect into the range instead gave a box taller than the image,
+        # cut to it, which broke the area range as well.
+        aspect = fit_lo if fit_lo > a_hi else fit_hi
     return box(area, aspect)
 
 
