@@ -635,3 +635,28 @@ def test_keep_checkpoints_and_stop_after_on_a_resume(tmp_path):
     assert steps() == [7, 8]
     logged = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 9))
+
+
+@pytest.mark.parametrize("flip", ["false", "true"])
+def test_train_hands_the_data_flags_to_the_loader(tmp_path, monkeypatch, flip):
+    """Nothing else checks that training reads its batches as the flags say: crop area
+    swapped or dropped, flips ignored, another seed would all train without a word."""
+    cfg = TrainConfig(workdir=str(tmp_path / "w"), **{**BASE, "crop_area_min": 0.3, "crop_area_max": 0.6,
+                                                      "seed": 7, "flip": flip, "num_workers": 0})
+    run = loop.prepare(cfg)
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def make_loader(source, **kwargs):
+        seen.update(kwargs, source=source)
+        raise Built
+
+    monkeypatch.setattr(loop.ud, "make_loader", make_loader)
+    with pytest.raises(Built):
+        loop.train(run)
+    assert seen["source"] is run.source
+    assert seen["crop_area"] == (0.3, 0.6) and seen["flip"] is (flip == "true")
+    assert (seen["seed"], seen["batch_size"], seen["image_size"], seen["train"]) == (7, 8, 8, True)
+    assert (seen["shard_index"], seen["shard_count"], seen["order"]) == (0, 1, run.data_order)
