@@ -195,3 +195,16 @@ def test_forward_process_refuses_what_it_would_broadcast_or_round():
     # A scalar t applies to every row, as documented; under jit the checks are static.
     one = jax.jit(lambda x, t: uc.q_sample(sched, x, t, x))(x, jnp.int32(3))
     np.testing.assert_allclose(np.asarray(one), np.asarray(uc.q_sample(sched, x, jnp.full((4,), 3), x)))
+
+
+def test_a_python_int_t_is_a_scalar_for_every_row():
+    """README: t of shape (B,) "or a scalar for all rows". A Python int raised
+    AttributeError ('int' object has no attribute 'shape'); a float t named no argument."""
+    sched = uc.make_schedule("cosine", 50)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 3))
+    eps = jax.random.normal(jax.random.key(1), (4, 16, 3))
+    full = jnp.full((4,), 7)
+    for fn, b in ((uc.q_sample, eps), (uc.x0_from_eps, eps), (uc.eps_from_x0, x)):
+        np.testing.assert_array_equal(np.asarray(fn(sched, x, 7, b)), np.asarray(fn(sched, x, full, b)))
+    with pytest.raises(ValueError, match="t must hold integer table indices"):
+        uc.q_sample(sched, x, jnp.full((4,), 7.0), eps)

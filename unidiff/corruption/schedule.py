@@ -80,6 +80,9 @@ def _coefficients(
     if not jnp.issubdtype(jnp.result_type(like), jnp.floating):
         raise ValueError(f"x must be floating point, got {jnp.result_type(like)}: the "
                          "coefficients cast to it would be rounded to 0 or 1")
+    t = jnp.asarray(t)  # a Python int is the documented scalar form; it has no .shape
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+        raise ValueError(f"t must hold integer table indices, got dtype {t.dtype}")
     if jnp.ndim(t) > 1 or (jnp.ndim(t) == 1 and jnp.shape(t)[0] != jnp.shape(like)[0]):
         # A (B,) t pairs with x's rows; broadcasting a (1,) t or x would silently reuse one.
         raise ValueError(f"t must have shape (B,) = ({jnp.shape(like)[0]},) for x of shape "
