@@ -251,3 +251,10 @@ def test_mix_rejects_bad_inputs():
     # Raw uint8 patches: the noise cast to them came back as 0, 1, 2.
     with pytest.raises(ValueError, match="x0 must be floating point"):
         uc.mix(recipe, sched, keys, (x0 * 127 + 128).astype(jnp.uint8))
+
+
+def test_mix_refuses_a_schedule_with_another_number_of_steps():
+    """recipe.num_steps = 50 with a T = 1000 schedule drew t up to 1000 without a word."""
+    keys, x0, _ = make_batch(0, B)
+    with pytest.raises(ValueError, match="num_steps"):
+        uc.mix(recipes.umd(num_steps=T), uc.make_schedule("cosine", 2 * T), keys, x0)

@@ -163,6 +163,12 @@ def mix(
         raise ValueError(f"labels must have shape ({batch_size},), got {labels.shape}")
     if not isinstance(schedule, Schedule):
         raise ValueError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    if schedule.num_steps != recipe.num_steps:
+        # t would be drawn on 1..schedule's T, silently ignoring the recipe's num_steps.
+        raise ValueError(
+            f"schedule has T={schedule.num_steps} steps but the recipe's num_steps is "
+            f"{recipe.num_steps}; build it with make_schedule(recipe.schedule, recipe.num_steps)"
+        )
     if num_clean is None:
         num_clean = split_batch(batch_size, recipe.r_t0)[0]
     names = recipe.branch_names(num_clean, batch_size)
