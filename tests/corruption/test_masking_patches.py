@@ -214,3 +214,12 @@ def test_batch_mismatches_and_ranks_are_refused():
         uc.patchify(jnp.zeros((8, 8, 3)), 2)
     with pytest.raises(ValueError, match=r"tokens must have shape \(B, L, p\*p\*C\)"):
         uc.unpatchify(jnp.zeros((16, 12)), 2, 8, 8)
+
+
+def test_no_masking_has_random_maskings_dtypes_under_x64():
+    """With jax_enable_x64 the identity mask came back float64 (random_masking's is
+    float32), so ``x * mask`` promoted float32 activations to float64."""
+    with jax.enable_x64(True):
+        nm, rm = uc.no_masking(2, 4), uc.random_masking(jax.random.key(0), 2, 4, 0.5)
+        assert {k: v.dtype for k, v in nm._asdict().items()} == {
+            k: v.dtype for k, v in rm._asdict().items()}

@@ -62,7 +62,7 @@ def random_masking(
 def no_masking(batch_size: int, num_tokens: int) -> Masking:
     """The identity masking: every token visible, in raster order."""
     ids = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch_size, num_tokens))
-    return Masking(ids_keep=ids, ids_restore=ids, mask=jnp.zeros((batch_size, num_tokens)))
+    return Masking(ids_keep=ids, ids_restore=ids, mask=jnp.zeros((batch_size, num_tokens), jnp.float32))
 
 
 def gather_tokens(x: Float[Array, "b l *d"], ids_keep: Int[Array, "b k"]) -> Float[Array, "b k *d"]:
