@@ -223,3 +223,10 @@ def test_no_masking_has_random_maskings_dtypes_under_x64():
         nm, rm = uc.no_masking(2, 4), uc.random_masking(jax.random.key(0), 2, 4, 0.5)
         assert {k: v.dtype for k, v in nm._asdict().items()} == {
             k: v.dtype for k, v in rm._asdict().items()}
+
+
+def test_unshuffle_refuses_more_visible_tokens_than_positions():
+    """K > L ended in a TypeError from broadcast_in_dim about a shape (2, -4, 5)."""
+    m = uc.random_masking(jax.random.key(0), 2, 16, 0.75)
+    with pytest.raises(ValueError, match="visible has K=20 tokens, more than ids_restore's L=16"):
+        uc.unshuffle_tokens(jnp.ones((2, 20, 5)), m.ids_restore, jnp.zeros(5))

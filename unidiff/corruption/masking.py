@@ -90,6 +90,9 @@ def unshuffle_tokens(
                          f"visible {visible.shape} and ids_restore {ids_restore.shape}")
     b, k, d = visible.shape
     l = ids_restore.shape[1]
+    if k > l:
+        raise ValueError(f"visible has K={k} tokens, more than ids_restore's L={l}; pass the "
+                         "visible tokens (B, K, D) and ids_restore (B, L), in that order")
     fill = jnp.asarray(fill, visible.dtype)
     if fill.ndim == 1:
         fill = jnp.broadcast_to(fill, (b, l - k, d))
