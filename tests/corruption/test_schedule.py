@@ -208,3 +208,9 @@ def test_a_python_int_t_is_a_scalar_for_every_row():
         np.testing.assert_array_equal(np.asarray(fn(sched, x, 7, b)), np.asarray(fn(sched, x, full, b)))
     with pytest.raises(ValueError, match="t must hold integer table indices"):
         uc.q_sample(sched, x, jnp.full((4,), 7.0), eps)
+
+
+def test_make_schedule_refuses_a_bool_num_steps():
+    """make_schedule("cosine", True) built a T = 1 schedule (Recipe refuses the same bool)."""
+    with pytest.raises(ValueError, match="num_steps must be an integer >= 1, got True"):
+        uc.make_schedule("cosine", True)

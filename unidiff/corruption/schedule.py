@@ -59,7 +59,7 @@ def make_schedule(kind: str = "cosine", num_steps: int = 1000) -> Schedule:
     """
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"unknown schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
-    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     noisy = _cosine_betas(num_steps) if kind == "cosine" else _linear_betas(num_steps)
     betas = np.concatenate([[0.0], noisy])
