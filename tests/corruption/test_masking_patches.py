@@ -230,3 +230,10 @@ def test_unshuffle_refuses_more_visible_tokens_than_positions():
     m = uc.random_masking(jax.random.key(0), 2, 16, 0.75)
     with pytest.raises(ValueError, match="visible has K=20 tokens, more than ids_restore's L=16"):
         uc.unshuffle_tokens(jnp.ones((2, 20, 5)), m.ids_restore, jnp.zeros(5))
+
+
+def test_a_traced_mask_ratio_is_refused_by_name():
+    """A ratio left dynamic under jit ended in TracerBoolConversionError, naming nothing."""
+    f = jax.jit(uc.random_masking, static_argnums=(1, 2))
+    with pytest.raises(ValueError, match="mask_ratio must be a static Python number"):
+        f(jax.random.key(0), 2, 16, 0.5)

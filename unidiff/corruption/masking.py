@@ -30,6 +30,10 @@ class Masking(NamedTuple):
 
 def num_kept(num_tokens: int, mask_ratio: float) -> int:
     """K = int(L * (1 - ratio)): the static number of visible tokens."""
+    for name, value in (("num_tokens", num_tokens), ("mask_ratio", mask_ratio)):
+        if isinstance(value, jax.core.Tracer):  # K sets a shape: it cannot depend on a trace
+            raise ValueError(f"{name} must be a static Python number (it sets the shape K), got "
+                             "a traced value; under jit mark it static (static_argnums)")
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     if num_tokens < 1:
