@@ -214,3 +214,21 @@ def test_make_schedule_refuses_a_bool_num_steps():
     """make_schedule("cosine", True) built a T = 1 schedule (Recipe refuses the same bool)."""
     with pytest.raises(ValueError, match="num_steps must be an integer >= 1, got True"):
         uc.make_schedule("cosine", True)
+
+
+def test_t_outside_the_table_is_refused_or_nan_never_wrapped():
+    make_schedule, q_sample = uc.make_schedule, uc.q_sample
+    """jnp.take read t = -1 as t = T (almost pure noise, silently) and t > T as NaN."""
+    s = make_schedule("cosine", 100)
+    x0, eps = jnp.ones((2, 4, 3)), jnp.zeros((2, 4, 3))
+    for bad in (-1, 101, np.array([0, 101]), np.array([-3, 5], np.int32)):
+        with pytest.raises(ValueError, match=r"t must be table indices in 0..T = 0..100"):
+            q_sample(s, x0, bad, eps)
+    # Traced values cannot be checked: out-of-range rows are NaN, in-range rows exact.
+    f = jax.jit(lambda t: q_sample(s, x0, t, eps)[:, 0, 0])
+    out = np.asarray(f(jnp.array([-1, 100])))
+    assert np.isnan(out[0]) and out[1] == np.float32(np.sqrt(s.alphas_cumprod[100]))
+    assert np.isnan(np.asarray(f(jnp.array([101, 0]))))[0] and np.asarray(f(jnp.array([101, 0])))[1] == 1.0
+    # The ends of the table are inside.
+    np.testing.assert_array_equal(q_sample(s, x0, 0, eps), x0)
+    assert np.isfinite(np.asarray(q_sample(s, x0, np.array([100, 100]), eps))).all()

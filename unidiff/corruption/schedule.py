@@ -80,6 +80,13 @@ def _coefficients(
     if not jnp.issubdtype(jnp.result_type(like), jnp.floating):
         raise ValueError(f"x must be floating point, got {jnp.result_type(like)}: the "
                          "coefficients cast to it would be rounded to 0 or 1")
+    num_steps = schedule.alphas_cumprod.shape[0] - 1
+    if isinstance(t, (int, np.integer, np.ndarray)) and not isinstance(t, bool) and np.size(t) \
+            and np.issubdtype(np.asarray(t).dtype, np.integer) \
+            and (np.min(t) < 0 or np.max(t) > num_steps):
+        # A host value is checked here at no cost (a device array would need a sync).
+        raise ValueError(f"t must be table indices in 0..T = 0..{num_steps}, got values "
+                         f"{np.min(t)}..{np.max(t)}")
     t = jnp.asarray(t)  # a Python int is the documented scalar form; it has no .shape
     if not jnp.issubdtype(t.dtype, jnp.integer):
         raise ValueError(f"t must hold integer table indices, got dtype {t.dtype}")
@@ -87,7 +94,12 @@ def _coefficients(
         # A (B,) t pairs with x's rows; broadcasting a (1,) t or x would silently reuse one.
         raise ValueError(f"t must have shape (B,) = ({jnp.shape(like)[0]},) for x of shape "
                          f"{jnp.shape(like)}, or be a scalar; got {jnp.shape(t)}")
-    a = jnp.take(schedule.alphas_cumprod, t).astype(jnp.float32)
+    # Outside 0..T, jnp.take would wrap a negative t to the far end of the table (t = -1
+    # read as t = T) and give NaN past T; NaN for both, so a traced bad t cannot pass as a
+    # plausible one (the train step's non-finite guard then skips the step).
+    inside = (t >= 0) & (t <= num_steps)
+    a = jnp.where(inside, jnp.take(schedule.alphas_cumprod, jnp.clip(t, 0, num_steps)),
+                  jnp.nan).astype(jnp.float32)
     shape = t.shape + (1,) * (like.ndim - t.ndim)
     return (jnp.sqrt(a).astype(like.dtype).reshape(shape),
             jnp.sqrt(1.0 - a).astype(like.dtype).reshape(shape))
