@@ -130,3 +130,22 @@ def test_non_finite_features_are_refused_not_scored(seed, bad, where, rows):
     target[picked, rng.integers(0, 4, rows)] = bad
     with pytest.raises(NonFiniteFeaturesError, match=f"{where} features are not finite in {rows} of"):
         few_shot_probe(x, y, xv, yv, num_classes=3)
+
+
+def test_l2_zero_is_minimum_norm_least_squares_even_when_singular():
+    """l2 = 0 (accepted, and probe.py's --l2 allows it) solved the Gram system with
+    np.linalg.solve, which raised LinAlgError('Singular matrix') for constant features
+    (probe.py --random_init --l2=0: a traceback) and for n < d' with repeated rows."""
+    rng = np.random.default_rng(0)
+    y = np.arange(12) % 3
+    for x in (np.ones((12, 5)),                                   # constant: d' x d' branch
+              np.repeat(rng.standard_normal((4, 30)), 3, axis=0)):  # repeated rows: n x n branch
+        probe = fit_probe(x, y, 3, l2=0.0)
+        design = np.hstack([(x - probe.mean) / probe.std, np.full((12, 1), 100.0)])
+        targets = 2.0 * np.eye(3)[y] - 1.0
+        np.testing.assert_allclose(probe.weights, np.linalg.pinv(design) @ targets, atol=1e-8)
+    # Non-singular: the same as the closed forms' l2 -> 0 limit.
+    x = rng.standard_normal((40, 6))
+    y = np.arange(40) % 4
+    w0 = fit_probe(x, y, 4, l2=0.0).weights
+    np.testing.assert_allclose(fit_probe(x, y, 4, l2=1e-9).weights, w0, rtol=1e-6, atol=1e-9)

@@ -8,7 +8,10 @@ report top-1 accuracy. The closed form uses whichever Gram matrix is smaller:
     n >= d':  W = (X^T X + l2 I_d')^{-1} X^T Y      (d' x d' system)
     n <  d':  W = X^T (X X^T + l2 I_n)^{-1} Y       (n x n system)
 
-(the two are equal by the push-through identity). Few-shot subsets take exactly ``shots``
+(the two are equal by the push-through identity). With l2 = 0 (plain least squares) both
+Gram matrices can be singular (constant features, e.g. a freshly initialised encoder's, or
+fewer distinct rows than features), so l2 = 0 takes the minimum-norm least-squares
+solution, pinv(X') Y, the limit of both forms as l2 -> 0. Few-shot subsets take exactly ``shots``
 examples of every class (REFERENCE §8: the reference code's subset had unequal shots).
 
 Shape glossary: N train examples; M test examples; D feature dim; D' = D + 1 with bias;
@@ -114,7 +117,9 @@ def fit_probe(
     design = _design(x, mean, std, bias)
     targets = 2.0 * np.eye(num_classes)[y] - 1.0
     n, d1 = design.shape
-    if n >= d1:
+    if l2 == 0:
+        weights = np.linalg.lstsq(design, targets, rcond=None)[0]
+    elif n >= d1:
         gram = design.T @ design + l2 * np.eye(d1)
         weights = np.linalg.solve(gram, design.T @ targets)
     else:
