@@ -149,3 +149,13 @@ def test_l2_zero_is_minimum_norm_least_squares_even_when_singular():
     y = np.arange(40) % 4
     w0 = fit_probe(x, y, 4, l2=0.0).weights
     np.testing.assert_allclose(fit_probe(x, y, 4, l2=1e-9).weights, w0, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("l2", [float("nan"), float("inf"), -1.0])
+def test_non_finite_or_negative_l2_is_refused(l2):
+    """NaN and inf were accepted and scored every test example as class 0 (chance)."""
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 4
+    x = rng.standard_normal((40, 6)) + y[:, None]
+    with pytest.raises(ValueError, match="l2 must be a finite number >= 0"):
+        few_shot_probe(x, y, x, y, l2=l2)

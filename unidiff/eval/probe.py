@@ -107,8 +107,10 @@ def fit_probe(
     y = np.asarray(labels)
     if x.ndim != 2 or y.shape != (x.shape[0],):
         raise ValueError(f"feats must be (N, D) and labels (N,), got {x.shape} and {y.shape}")
-    if l2 < 0:
-        raise ValueError(f"l2 must be >= 0, got {l2}")
+    if not (np.isfinite(l2) and l2 >= 0):
+        # NaN passed 'l2 < 0' and inf did not fail either: NaN weights, every argmax class 0,
+        # a chance score instead of an error (as NonFiniteFeaturesError explains).
+        raise ValueError(f"l2 must be a finite number >= 0, got {l2}")
     if y.size == 0 or y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, num_classes = {num_classes})")
     _check_finite(x, "train")
