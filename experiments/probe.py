@@ -40,7 +40,8 @@ quiet_backend_probe()
 flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 flags.DEFINE_integer("shots", 10, "Train examples per class for the probe (0 = all).")
 flags.DEFINE_integer("noise_t", -1, "Time index of the features: 0 = clean, > 0 noised to "
-                     "that step; -1 = auto (50 if the run's recipe has r_t0 = 0, else 0).")
+                     "that step; -1 = auto (50 if the run's recipe has r_t0 = 0, else 0). "
+                     "--pixels probes clean pixels (0).")
 flags.DEFINE_bool("random_init", False, "Probe a randomly initialised encoder of the same "
                   "config instead of the checkpoint (baseline).")
 flags.DEFINE_bool("pixels", False, "Probe the raw pixels (flattened eval images) instead of an "
@@ -121,6 +122,13 @@ def main(argv):
         if FLAGS.noise_t < -1 or noise_t > num_steps:
             raise UsageError(f"--noise_t: must be -1 (auto) or in [0, T = {num_steps}], "
                              f"got {FLAGS.noise_t}")
+        if FLAGS.pixels:
+            # The raw pixels are probed as they are: a noise level would only be recorded
+            # in the JSON (it reported --noise_t, or 50 for a noisy-only run, for clean pixels).
+            if FLAGS.noise_t > 0:
+                raise UsageError(f"--noise_t {FLAGS.noise_t}: --pixels probes the clean "
+                                 "pixels; leave --noise_t unset or 0")
+            noise_t = 0
         if trained.dataset_classes < 2:
             raise UsageError(f"--workdir {FLAGS.workdir}: dataset {trained.cfg.dataset} has "
                              f"{trained.dataset_classes} classes; the probe needs labels")

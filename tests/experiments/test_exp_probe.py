@@ -36,6 +36,7 @@ def test_probe_trained_and_random_init(tiny_pretrained, tiny_finetuned):
     pixels = _result(run_binary("probe.py", [f"--workdir={tiny_pretrained}", "--pixels",
                                              "--shots=2"]))
     assert pixels["features"] == "pixels" and 0.0 <= pixels["top1"] <= 1.0
+    assert pixels["noise_t"] == 0
 
 
 def test_probe_bad_input(tiny_pretrained, tmp_path):
@@ -46,6 +47,8 @@ def test_probe_bad_input(tiny_pretrained, tmp_path):
         ([f"--workdir={tiny_pretrained}", "--test_split=bogus"], "--train_split/--test_split"),
         ([f"--workdir={tiny_pretrained}", "--pixels", "--random_init"], "--random_init"),
         ([f"--workdir={tiny_pretrained}", "--pixels", "--l2=nan"], "--l2"),
+        # The pixels are never noised: --noise_t=50 was accepted and recorded in the JSON.
+        ([f"--workdir={tiny_pretrained}", "--pixels", "--noise_t=50"], "--noise_t"),
     ]
     procs = [subprocess.Popen([sys.executable, str(ROOT / "experiments" / "probe.py"), *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
