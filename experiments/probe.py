@@ -111,8 +111,10 @@ def main(argv):
             raise UsageError(f"--shots: must be >= 0 (0 = all), got {FLAGS.shots}")
         if FLAGS.batch_size < 1:
             raise UsageError(f"--batch_size: must be >= 1, got {FLAGS.batch_size}")
-        if FLAGS.seed < 0:  # numpy's shot selection would refuse it in words naming --shots
-            raise UsageError(f"--seed: must be >= 0, got {FLAGS.seed}")
+        if not 0 <= FLAGS.seed < 2**63 - 1:
+            # Negative: numpy's shot selection would refuse it in words naming --shots; the
+            # noise key is jax.random.key(seed + 1), an int64.
+            raise UsageError(f"--seed: must be in [0, 2**63 - 1), got {FLAGS.seed}")
         if FLAGS.max_test < 0:
             raise UsageError(f"--max_test: must be >= 0, got {FLAGS.max_test}")
         if not (math.isfinite(FLAGS.l2) and FLAGS.l2 >= 0):

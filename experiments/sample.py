@@ -123,6 +123,8 @@ def check_flags(num_classes: int, num_steps: int, has_x0_head: bool, recipe=None
     if FLAGS.head == "x0" and not has_x0_head:
         raise UsageError("--head x0: this model has no x0 head (it predicts eps only); "
                          "use --head=eps")
+    if not -2**63 <= FLAGS.seed < 2**63:  # jax.random.key takes an int64
+        raise UsageError(f"--seed: must fit in a signed 64-bit integer, got {FLAGS.seed}")
     if FLAGS.zoom < 0:
         raise UsageError(f"--zoom: must be >= 0, got {FLAGS.zoom}")
 

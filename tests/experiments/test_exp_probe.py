@@ -49,6 +49,8 @@ def test_probe_bad_input(tiny_pretrained, tmp_path):
         ([f"--workdir={tiny_pretrained}", "--pixels", "--l2=nan"], "--l2"),
         # The pixels are never noised: --noise_t=50 was accepted and recorded in the JSON.
         ([f"--workdir={tiny_pretrained}", "--pixels", "--noise_t=50"], "--noise_t"),
+        # jax.random.key(seed + 1) overflowed int64: a traceback.
+        ([f"--workdir={tiny_pretrained}", "--seed=9223372036854775807"], "--seed"),
     ]
     procs = [subprocess.Popen([sys.executable, str(ROOT / "experiments" / "probe.py"), *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,

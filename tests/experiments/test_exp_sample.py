@@ -77,6 +77,8 @@ BAD = [
     ("ft", ["--guidance=2", "--guidance_schedule=power_cosine", "--guidance_power=nan"], "--guidance_power"),
     ("missing", [], "--workdir"),
     ("ft", ["--eta=1.5"], ("--eta", "[0, 1]")),
+    # Past int64 jax.random.key raised OverflowError (a traceback, status 1).
+    ("ft", ["--seed=9223372036854775808"], "--seed"),
     # A run that never saw a noisy step cannot denoise (MAE, USP: r_t0 = 1).
     ("clean_only", [], ("--workdir", "only the clean step", "r_t0 = 1")),
     # Guidance needs a null label trained in place of classes on noisy steps.
