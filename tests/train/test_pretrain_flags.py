@@ -89,6 +89,14 @@ def test_config_error_flag_is_given_or_read_from_the_message():
     assert isinstance(ConfigError("--seed: x"), ValueError)
 
 
+def test_config_error_flag_is_only_a_flag_the_message_starts_with():
+    """A message that names a flag later on (a damaged file's, quoting a library error) is
+    not that flag's error: finetune.py would blame the pretraining's model flags for it."""
+    msg = "/w/config.json: records a model that this version cannot rebuild (set --si_position)"
+    assert ConfigError(msg).flag is None
+    assert ConfigError("process 1 of 2 refused the flags; see --num_workers").flag is None
+
+
 def test_good_config_prepares(tmp_path):
     run = loop.prepare(TrainConfig(workdir=str(tmp_path / "w"), **BASE))
     assert run.total_steps == 2 and run.num_devices == 1
