@@ -418,3 +418,18 @@ def test_latents_held_out_split_of_another_shape_is_refused(tmp_path, fakes):
         ud.build_source("latents", str(tmp_path), "test")
     fakes.write_latents(str(tmp_path / "val"), n=3, shape=(4, 4, 4))
     assert ud.build_source("latents", str(tmp_path), "test").image_shape == (4, 4, 4)
+
+
+def test_imagenet64_val_in_its_own_download_folder(tmp_path, fakes):
+    # The official download unzips Imagenet64_val_npz.zip into a folder of its own, beside
+    # the training batches' folder(s): the held-out split is found one level below too.
+    train_dir, val_dir = tmp_path / "Imagenet64_train_npz", tmp_path / "Imagenet64_val_npz"
+    train_dir.mkdir()
+    val_dir.mkdir()
+    ims, _, vims, vlabs = fakes.write_imagenet(str(train_dir), counts=(3,), val=4)
+    os.rename(train_dir / "val_data.npz", val_dir / "val_data.npz")
+    src = ud.build_source("imagenet64", str(tmp_path), "train")
+    np.testing.assert_array_equal(np.stack([e["image"] for e in _all(src)]), ims)
+    val = ud.build_source("imagenet64", str(tmp_path), "val")
+    np.testing.assert_array_equal(np.stack([e["image"] for e in _all(val)]), vims)
+    np.testing.assert_array_equal([e["label"] for e in _all(val)], vlabs)
