@@ -252,3 +252,51 @@ def test_a_failure_on_one_process_stops_all_of_them(tmp_path, tiny_args, what):
     assert [m["step"] for m in metrics] == ([1, 2] if what == "data" else [1])
     # Process 0's count alone was logged: 1 s.
     assert [m["skipped_images"] for m in metrics] == [3 * m["step"] for m in metrics]
+
+
+# agreed_preparation's logic in one process: jax.process_count() faked to 2 and the
+# all-gather to stack this process's row over the row another process would send.
+def _fake_two_processes(monkeypatch, other_row=None):
+    from jax.experimental import multihost_utils
+
+    from unidiff.train import loop
+
+    sent = []
+
+    def allgather(row):
+        sent.append(np.asarray(row))
+        return np.stack([np.asarray(row), np.asarray(row) if other_row is None else other_row])
+
+    monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    return sent
+
+
+def _row_sent_by(monkeypatch, cfg):
+    from unidiff.train import loop
+
+    sent = _fake_two_processes(monkeypatch)
+    with loop.agreed_preparation() as agreed:
+        agreed.cfg = cfg
+    return sent[-1]
+
+
+def test_agreed_preparation_lets_only_data_dir_and_num_workers_differ(monkeypatch):
+    """Each process may mount its copy of the data elsewhere and read it with its own
+    number of workers; any other flag that differs stops every process."""
+    import dataclasses
+
+    from unidiff.train import loop
+    from unidiff.train.config import ConfigError, TrainConfig
+
+    mine = TrainConfig(workdir="/w", data_dir="/mnt/a", num_workers=2, seed=3)
+    other = _row_sent_by(monkeypatch, dataclasses.replace(mine, data_dir="/mnt/b", num_workers=8))
+    _fake_two_processes(monkeypatch, other)
+    with loop.agreed_preparation() as agreed:
+        agreed.cfg = mine
+    other = _row_sent_by(monkeypatch, dataclasses.replace(mine, seed=4, num_workers=8))
+    _fake_two_processes(monkeypatch, other)
+    with pytest.raises(ConfigError, match=r"^--seed: differ between the processes"):
+        with loop.agreed_preparation() as agreed:
+            agreed.cfg = mine
+
