@@ -300,3 +300,16 @@ def test_agreed_preparation_lets_only_data_dir_and_num_workers_differ(monkeypatc
         with loop.agreed_preparation() as agreed:
             agreed.cfg = mine
 
+
+def test_agreed_preparation_without_cfg_is_a_refusal_the_others_see(monkeypatch):
+    """A block that raised nothing but set no .cfg is a refusal: the process still sends
+    its row, marked failed, so the others stop too, and raises ConfigError (not a
+    TypeError from hashing the flags of no config)."""
+    from unidiff.train import loop
+    from unidiff.train.config import ConfigError
+
+    sent = _fake_two_processes(monkeypatch)
+    with pytest.raises(ConfigError, match="did not set .cfg"):
+        with loop.agreed_preparation():
+            pass
+    assert len(sent) == 1 and sent[0][0] == 1 and not sent[0][1:].any()
