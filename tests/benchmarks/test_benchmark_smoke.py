@@ -252,6 +252,27 @@ def test_matmul_probe_enqueues_short_matmuls_back_to_back(bench):
     assert bench.MatmulProbe(16, "float32", min_time_s=0.0).calls == 1
 
 
+def test_matmul_probe_time_is_per_call(bench, monkeypatch):
+    """``time_once`` returns the time of one call, not of the ``calls`` enqueued together
+    (that would lower the peak, and raise the MFU, by a factor of ``calls``). A fake clock
+    advanced one second by each matmul call."""
+    from types import SimpleNamespace
+
+    clock = [0.0]
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    probe = bench.MatmulProbe(16, "float32", min_time_s=0.5)
+    real = probe._f
+
+    def one_second(*args):
+        clock[0] += 1.0
+        return real(*args)
+
+    probe._f = one_second
+    for calls in (1, 7):
+        probe.calls = calls
+        assert probe.time_once() == 1.0
+
+
 def test_initial_params_are_shared_per_architecture_and_survive_donation(bench):
     """The suite initialises each architecture once: the cached parameters equal a fresh
     ``model.init`` with the same key, and each recipe gets its own device buffers (the
