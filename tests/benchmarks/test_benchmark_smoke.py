@@ -84,6 +84,19 @@ def test_suite_runs_two_recipes_and_writes_records(suite_run):
     assert "(cache)" not in proc.stdout
 
 
+def test_records_say_how_many_matmul_calls_each_peak_timing_took(suite_run):
+    """The peak's ``calls`` per timing are in every record (and in the log line when more
+    than one), so a peak measured one call at a time can be told from an amortised one."""
+    proc, out, _ = suite_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = {r["matmul_calls_per_timing"] for r in json.loads(out.read_text())}
+    assert len(calls) == 1, calls
+    (n,) = calls
+    assert isinstance(n, int) and 1 <= n <= 1000, n
+    peak_line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "matmul peak (" in line)
+    assert (f"{n} calls per timing" in peak_line) == (n > 1), (n, peak_line)
+
+
 def test_compilation_cache_loads_the_step_on_a_rerun(suite_run, tmp_path):
     """A rerun with the cache the suite above filled loads the DiT step instead of
     compiling it, says so in its record and its table, and runs the same program."""
