@@ -74,12 +74,12 @@ def _write_classes(root, per_class: int, seed: int):
             Image.fromarray(im).save(root / name / f"{i}.png")
 
 
-def _folder_workdir(tmp_path, data_dir):
+def _folder_workdir(tmp_path, data_dir, **flags):
     """config.json of a --dataset=folder run: all probe.py --pixels reads of a workdir."""
     workdir = tmp_path / "w"
     workdir.mkdir()
     cfg = TrainConfig(workdir=str(workdir), dataset="folder", data_dir=str(data_dir),
-                      image_size=8, model="N/2", batch_size=8, train_steps=3)
+                      image_size=8, model="N/2", batch_size=8, train_steps=3, **flags)
     (workdir / "config.json").write_text(json.dumps(cfg.to_json()))
     return workdir
 
@@ -169,3 +169,14 @@ def test_probe_val_and_test_folders_are_distinct_splits(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert len(lines) == 1 and "share examples" in lines[0], lines
+
+
+def test_probe_pixels_of_a_noisy_only_run_report_clean_pixels(tmp_path):
+    """--pixels probes the clean pixels: for a run that never saw t = 0 (DiT, r_t0 = 0) the
+    auto noise level is 50 for its features, but the JSON of a pixel probe said 50 too."""
+    data = tmp_path / "split"
+    _write_classes(data / "train", per_class=2, seed=0)
+    _write_classes(data / "test", per_class=2, seed=1)
+    workdir = _folder_workdir(tmp_path, data, recipe="dit")
+    r = _result(run_binary("probe.py", [f"--workdir={workdir}", "--pixels", "--shots=2"]))
+    assert r["features"] == "pixels" and r["noise_t"] == 0
