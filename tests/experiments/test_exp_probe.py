@@ -180,3 +180,13 @@ def test_probe_pixels_of_a_noisy_only_run_report_clean_pixels(tmp_path):
     workdir = _folder_workdir(tmp_path, data, recipe="dit")
     r = _result(run_binary("probe.py", [f"--workdir={workdir}", "--pixels", "--shots=2"]))
     assert r["features"] == "pixels" and r["noise_t"] == 0
+
+
+def test_probe_pixels_take_an_explicit_noise_t_of_zero(tmp_path):
+    """--pixels refuses a --noise_t > 0, and takes 0, the clean level it probes anyway."""
+    data = tmp_path / "split"
+    _write_classes(data / "train", per_class=2, seed=0)
+    _write_classes(data / "test", per_class=2, seed=1)
+    workdir = _folder_workdir(tmp_path, data, recipe="dit")
+    r = _result(run_binary("probe.py", [f"--workdir={workdir}", "--pixels", "--shots=2", "--noise_t=0"]))
+    assert r["features"] == "pixels" and r["noise_t"] == 0
