@@ -107,6 +107,9 @@ BAD = [
     ("ft", ["--eta=1.5"], ("--eta", "[0, 1]")),
     # Past int64 jax.random.key raised OverflowError (a traceback, status 1).
     ("ft", ["--seed=9223372036854775808"], "--seed"),
+    ("ft", ["--seed=-9223372036854775809"], "--seed"),
+    # -2**63 is an int64 and a valid seed: the flags are checked on, to the bad --zoom.
+    ("ft", ["--seed=-9223372036854775808", "--zoom=-1"], "--zoom"),
     # A run that never saw a noisy step cannot denoise (MAE, USP: r_t0 = 1).
     ("clean_only", [], ("--workdir", "only the clean step", "r_t0 = 1")),
     # Guidance needs a null label trained in place of classes on noisy steps.
