@@ -211,3 +211,28 @@ def test_fid_end_to_end_with_random_weights(tmp_path):
     saved = fid_lib.read_stats(sample_stats)
     assert saved.image_size == 16 and saved.num_images == 4
     assert "FID" in second.stdout and "IS" in second.stdout
+
+
+@pytest.mark.slow
+def test_fid_of_non_square_samples_records_no_image_size(tmp_path):
+    """16x24 samples have no single size: none in the JSON, none in --save_sample_stats'
+    file (whose size a later --ref_stats run checks against its samples)."""
+    from unidiff.eval import fid as fid_lib
+    from unidiff.eval import inception as inc
+
+    weights = tmp_path / "inception_random.npz"
+    inc.save_inception_params(weights, inc.random_params(seed=0))
+    wide = tmp_path / "wide.npz"
+    rng = np.random.default_rng(0)
+    np.savez(wide, images=rng.integers(0, 256, (4, 16, 24, 3), dtype=np.uint8))
+    unsized = tmp_path / "adm_ref.npz"
+    _stats(unsized)
+    sample_stats = tmp_path / "sample_stats.npz"
+    proc = run_binary("fid.py", [f"--samples={wide}", f"--ref_stats={unsized}",
+                                 f"--inception_weights={weights}", "--batch_size=4", "--is_splits=2",
+                                 f"--save_sample_stats={sample_stats}"], timeout=900)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["num_samples"] == 4 and "image_size" not in r and "ref_image_size" not in r, r
+    assert "does not record its image size" in proc.stderr and "16x24" in proc.stderr
+    saved = fid_lib.read_stats(sample_stats)
+    assert saved.image_size is None and saved.num_images == 4
