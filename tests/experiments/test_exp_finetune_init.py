@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import grain
 import jax
@@ -22,7 +24,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.e2e_helpers import TINY, read_metrics, run_binary
+from tests.e2e_helpers import ROOT, TINY, child_env, read_metrics, run_binary
 from unidiff.train.checkpoint import ITEMS, Checkpointer, checkpoint_dir, merge_pretrained
 from unidiff.train.config import INHERITED, ConfigError, TrainConfig
 from unidiff.train.state import init_state
@@ -322,3 +324,48 @@ def test_a_bad_inherited_model_flag_names_the_pretraining(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"finetune.py: error: --init_from {pre}: "), lines
     assert "model 'P/3'" in lines[0] and "not divisible by the patch size 3" in lines[0], lines
     assert not (tmp_path / "ft").exists()
+
+
+# finetune.py with its agreed_preparation's exit run as in a 2-process run whose other
+# process sent the same row (jax.process_count and the all-gather faked for the exit
+# alone); a preparation the processes agreed on stops there, before training.
+_TWO_PROCESS_EXIT = """
+import runpy, sys
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from unidiff.train import loop
+
+real_exit = loop.agreed_preparation.__exit__
+
+def two_process_exit(self, exc_type, exc, tb):
+    count, gather = jax.process_count, multihost_utils.process_allgather
+    jax.process_count = lambda: 2
+    multihost_utils.process_allgather = lambda row: np.stack([row, row])
+    try:
+        out = real_exit(self, exc_type, exc, tb)
+    finally:
+        jax.process_count, multihost_utils.process_allgather = count, gather
+    if exc_type is None:
+        print("agreed on the flags of", self.cfg.workdir)
+        sys.exit(0)
+    return out
+
+loop.agreed_preparation.__exit__ = two_process_exit
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_finetune_gives_its_agreed_preparation_the_run_config(tiny_pretrained, tmp_path):
+    """Every process of a multi-process finetune hashes its flags for the others: without
+    the run's TrainConfig set on the block, every multi-process finetune stopped with
+    'the block did not set .cfg' (a one-process run never checks)."""
+    workdir = tmp_path / "ft"
+    proc = subprocess.run(
+        [sys.executable, "-c", _TWO_PROCESS_EXIT, str(ROOT / "experiments" / "finetune.py"),
+         "--dataset=synthetic", "--batch_size=8", "--train_steps=1",
+         f"--init_from={tiny_pretrained}", f"--workdir={workdir}"],
+        capture_output=True, text=True, env=child_env(), timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert f"agreed on the flags of {workdir}" in proc.stdout, proc.stdout[-2000:]
