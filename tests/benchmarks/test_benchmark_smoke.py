@@ -4,6 +4,7 @@ Speed is never asserted here."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -158,17 +159,10 @@ def test_mfu_divides_by_the_peak_of_every_device(tmp_path):
     assert "Traceback" not in refused.stderr and "matmul peak" not in refused.stdout
 
 
-BAD_FLAGS = [  # (args, substrings of stderr)
+BAD_FLAGS = [  # (args, substrings of stderr): main()'s own checks, run as the binary
     (["--recipes=dit,nope"], ("--recipes", "nope")),
-    (["--model=N/0"], ("--model", "N/0")),
-    (["--model=N/2", "--image_size=9"], ("--image_size 9",)),
     (["--json={tmp}"], ("--json", "is a folder")),
     (["--compilation_cache_dir=/dev/null"], ("--compilation_cache_dir /dev/null", "is a file")),
-    (["--recipes=umd", "--arch=dit", "--model=N/2"], ("--recipes umd with --arch dit", "mask token")),
-    (["--recipes=mdt", "--model=P/2"], ("--si_position", "set --si_position")),
-    (["--recipes=dit,umd", "--si_position=1"], ("--si_position", "mdt architecture")),
-    (["--recipes=dit", "--batch_size=8", "--microbatches=3"], ("--microbatches 3", "not divisible")),
-    (["--recipes=umd", "--batch_size=8", "--microbatches=8"], ("--microbatches 8", "4 clean")),
 ]
 
 
@@ -182,6 +176,34 @@ def test_bad_flag_names_the_flag(tmp_path):
         for needle in needles:
             assert needle in proc.stderr, (args, proc.stderr[-2000:])
         assert "matmul peak" not in proc.stdout, args  # refused before anything was measured
+
+
+# Options that validate() and check_recipes() refuse (main() runs both before anything
+# is measured, as the binary cases above show): checked in this process, where each
+# case costs no Python start-up and jax import.
+BAD_OPTIONS = [  # (overrides of the cpu preset, substrings of the message)
+    (dict(model="N/0"), ("--model", "N/0")),
+    (dict(model="N/2", image_size=9), ("--image_size 9",)),
+    (dict(recipes=("umd",), arch="dit", model="N/2"), ("--recipes umd with --arch dit", "mask token")),
+    (dict(recipes=("mdt",), model="P/2"), ("--si_position", "set --si_position")),
+    (dict(recipes=("dit", "umd"), si_position=1), ("--si_position", "mdt architecture")),
+    (dict(recipes=("dit",), batch_size=8, microbatches=3), ("--microbatches 3", "not divisible")),
+    (dict(recipes=("umd",), batch_size=8, microbatches=8), ("--microbatches 8", "4 clean")),
+]
+
+
+@pytest.mark.parametrize("overrides,needles", BAD_OPTIONS)
+def test_bad_options_name_the_flag(bench, overrides, needles):
+    preset = bench.PRESETS["cpu"]
+    opts = bench.Options(recipes=tuple(preset["recipes"].split(",")), model=preset["model"],
+                         image_size=preset["image_size"], batch_size=preset["batch_per_device"],
+                         steps=1)
+    opts = dataclasses.replace(opts, **overrides)
+    with pytest.raises(ValueError) as e:
+        opts.validate()
+        bench.check_recipes(opts)
+    for needle in needles:
+        assert needle in str(e.value), str(e.value)
 
 
 @pytest.fixture(scope="module")
