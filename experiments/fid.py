@@ -222,8 +222,9 @@ def main(argv):
         samples = load_samples(FLAGS.samples) if FLAGS.samples else None
         ref_mu = ref_sigma = None
         result: dict = {}
-        if samples is not None and square_size(samples) is not None:
-            result["image_size"] = square_size(samples)
+        sample_size = None if samples is None else square_size(samples)
+        if sample_size is not None:
+            result["image_size"] = sample_size
         if FLAGS.ref_stats:
             try:
                 ref_file = fid_lib.read_stats(FLAGS.ref_stats)
@@ -304,7 +305,7 @@ def main(argv):
         st, probs = run(chunks, want_probs=True)
         if FLAGS.save_sample_stats:
             fid_lib.save_stats(FLAGS.save_sample_stats, st.mean, st.cov,
-                               image_size=square_size(samples), num_images=st.count)
+                               image_size=sample_size, num_images=st.count)
         fid = fid_lib.frechet_distance(st.mean, st.cov, ref_mu, ref_sigma)
         is_mean, is_std = fid_lib.inception_score(probs, min(FLAGS.is_splits, samples.shape[0]))
         result.update(fid=fid, inception_score=is_mean, inception_score_std=is_std,

@@ -80,13 +80,13 @@ def _coefficients(
     if not jnp.issubdtype(jnp.result_type(like), jnp.floating):
         raise ValueError(f"x must be floating point, got {jnp.result_type(like)}: the "
                          "coefficients cast to it would be rounded to 0 or 1")
-    num_steps = schedule.alphas_cumprod.shape[0] - 1
-    if isinstance(t, (int, np.integer, np.ndarray)) and not isinstance(t, bool) and np.size(t) \
-            and np.issubdtype(np.asarray(t).dtype, np.integer) \
-            and (np.min(t) < 0 or np.max(t) > num_steps):
+    num_steps = schedule.num_steps
+    if isinstance(t, (int, np.integer, np.ndarray)) and not isinstance(t, bool):
         # A host value is checked here at no cost (a device array would need a sync).
-        raise ValueError(f"t must be table indices in 0..T = 0..{num_steps}, got values "
-                         f"{np.min(t)}..{np.max(t)}")
+        host = np.asarray(t)
+        if host.dtype.kind in "iu" and host.size and (host.min() < 0 or host.max() > num_steps):
+            raise ValueError(f"t must be table indices in 0..T = 0..{num_steps}, got values "
+                             f"{host.min()}..{host.max()}")
     t = jnp.asarray(t)  # a Python int is the documented scalar form; it has no .shape
     if not jnp.issubdtype(t.dtype, jnp.integer):
         raise ValueError(f"t must hold integer table indices, got dtype {t.dtype}")

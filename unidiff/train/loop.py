@@ -521,16 +521,14 @@ def prepare(cfg: TrainConfig) -> Run:
 # Flags a process may set for itself: where its copy of the data is mounted, and how
 # many workers read it. Every other flag must be the same on every process.
 _PER_PROCESS_FLAGS = ("data_dir", "num_workers")
+_AGREED_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in _PER_PROCESS_FLAGS)
 
 
-def _flag_fingerprints(cfg: TrainConfig) -> dict[str, int]:
-    """A 31-bit hash of each flag's value that the processes must agree on."""
-    out = {}
-    for field in dataclasses.fields(cfg):
-        if field.name not in _PER_PROCESS_FLAGS:
-            text = json.dumps(getattr(cfg, field.name), sort_keys=True).encode()
-            out[field.name] = int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "little") >> 1
-    return out
+def _flag_fingerprints(cfg: TrainConfig) -> list[int]:
+    """A 31-bit hash of the value of each of ``_AGREED_FLAGS``, in that order."""
+    return [int.from_bytes(hashlib.blake2b(json.dumps(getattr(cfg, name), sort_keys=True).encode(),
+                                           digest_size=4).digest(), "little") >> 1
+            for name in _AGREED_FLAGS]
 
 
 class agreed_preparation:  # pylint: disable=invalid-name
@@ -562,9 +560,8 @@ class agreed_preparation:  # pylint: disable=invalid-name
         if exc_type is not None and not issubclass(exc_type, ValueError):
             return False  # not a refusal (KeyboardInterrupt, a bug): nothing to agree on
         failed = exc_type is not None or self.cfg is None
-        names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in _PER_PROCESS_FLAGS]
-        prints = _flag_fingerprints(self.cfg) if not failed else {}
-        mine = np.asarray([int(failed)] + [prints.get(n, 0) for n in names], np.int32)
+        prints = [0] * len(_AGREED_FLAGS) if failed else _flag_fingerprints(self.cfg)
+        mine = np.asarray([int(failed)] + prints, np.int32)
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
         seen = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
@@ -577,7 +574,7 @@ class agreed_preparation:  # pylint: disable=invalid-name
             raise ConfigError(
                 f"process{'es' if len(others) > 1 else ''} {', '.join(map(str, others))} of "
                 f"{jax.process_count()} refused the flags (see its log); every process stops")
-        differ = [n for j, n in enumerate(names) if np.any(seen[:, j + 1] != seen[0, j + 1])]
+        differ = [n for j, n in enumerate(_AGREED_FLAGS) if np.any(seen[:, j + 1] != seen[0, j + 1])]
         if differ:
             procs = [int(i) for i in np.flatnonzero(np.any(seen[:, 1:] != seen[0, 1:], axis=1))]
             raise ConfigError(
@@ -872,12 +869,13 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
                     batch = shard_batch(examples, mesh, cfg.batch_size)
                 if unchecked:
                     check_nonfinite()
+                skipped_images = int(data_iter.num_skipped)
                 if multi_process:
                     # Agreed before the step, while the devices are idle (the last step
                     # has been waited for): every process then saves this step and
-                    # exits, or every process stops for one that failed.
-                    signum, failed, skipped_images = stop.agreed(
-                        failure is not None, int(data_iter.num_skipped))
+                    # exits, or every process stops for one that failed; the skipped
+                    # images become all processes' count.
+                    signum, failed, skipped_images = stop.agreed(failure is not None, skipped_images)
                     if failed:
                         if failure is not None:
                             raise failure from None
@@ -905,8 +903,7 @@ def _train(run: Run, init_params: Callable[[Any, jax.Array], Any] | None) -> dic
                     last = {k: float(v) for k, v in m.items() if k != "finite"}
                     last.update(step=step, images_per_s=ips,
                                 nonfinite_total=int(state.nonfinite_total),
-                                skipped_images=skipped_images if multi_process
-                                else int(data_iter.num_skipped))
+                                skipped_images=skipped_images)
                     parts = " ".join(
                         f"{k[5:]} {last[k]:.4f}" for k in sorted(last)
                         if k.startswith("loss_")
